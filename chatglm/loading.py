@@ -1,0 +1,291 @@
+"""load_model(): find the weights, check them, and build (tokenizer, model) on the right device and dtype.
+
+Weights stream in shard by shard onto a model built on the meta device, so no second copy of the model is ever
+made; with quantize=4|8 each weight is quantized as it arrives, so peak memory stays near the quantized size.
+"""
+import json
+import os
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .configuration import ChatGLMConfig
+from .tokenization import VOCAB_FILE, ChatGLMTokenizer
+
+HOW_TO_GET_WEIGHTS = (
+    "Get the real weights with `git lfs install && git clone https://huggingface.co/THUDM/chatglm-6b` (or the "
+    "chatglm-6b-int4 / chatglm-6b-int8 variants) and pass that folder as --model-path or $CHATGLM_MODEL.")
+DEMO_NOTICE = (
+    "NOTICE: running the built-in DEMO checkpoint (a tiny random model that writes gibberish), not ChatGLM-6B. "
+    "Pass --model-path /path/to/chatglm-6b or set CHATGLM_MODEL to use real weights.")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be loaded; the message names the file, what was expected and the fix."""
+
+
+# ---- where the files are ----------------------------------------------------------------------------------------
+
+def resolve_model_path(path: str) -> str:
+    """A local folder as is; a hub id (e.g. THUDM/chatglm-6b) through the local Hugging Face cache."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ModelLoadError(f"model path {path!r} is a file; pass the folder that holds config.json and the weights")
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            try:
+                return snapshot_download(path, local_files_only=True)
+            except Exception:
+                if os.environ.get("HF_HUB_OFFLINE") == "1":
+                    raise
+                return snapshot_download(path, allow_patterns=["*.json", "*.model", "*.bin", "*.safetensors"])
+        except Exception as e:
+            raise ModelLoadError(f"model {path!r} is neither a local folder nor in the Hugging Face cache and could "
+                                 f"not be downloaded ({type(e).__name__}: {e}). {HOW_TO_GET_WEIGHTS}") from e
+    raise ModelLoadError(f"model folder {path!r} does not exist. {HOW_TO_GET_WEIGHTS}")
+
+
+def _check_file(path: str, what: str):
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path} is missing ({what}). The download is incomplete: fetch the file again. "
+                             f"{HOW_TO_GET_WEIGHTS}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(LFS_POINTER_PREFIX):
+        raise ModelLoadError(f"{path} is a git-lfs pointer ({os.path.getsize(path)} bytes), not the {what}: the "
+                             f"large files were not downloaded. Run `git lfs install && git lfs pull` in the model "
+                             f"folder, or download the file by hand.")
+    if os.path.getsize(path) == 0:
+        raise ModelLoadError(f"{path} is empty; expected the {what}. Download it again.")
+
+
+def weight_files(folder: str):
+    """The checkpoint's weight files, in order: from the index json if there is one, else the single file."""
+    for index in WEIGHT_INDEXES:
+        index_path = os.path.join(folder, index)
+        if os.path.isfile(index_path):
+            _check_file(index_path, "weight index")
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise ModelLoadError(f"{index_path} is not a valid weight index ({e}); download it again") from e
+            paths = [os.path.join(folder, s) for s in shards]
+            for p in paths:
+                _check_file(p, f"weight shard listed in {index}")
+            return paths
+    for name in WEIGHT_FILES:
+        p = os.path.join(folder, name)
+        if os.path.exists(p):
+            _check_file(p, "model weights")
+            return [p]
+    raise ModelLoadError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_INDEXES + WEIGHT_FILES)}. "
+                         f"{HOW_TO_GET_WEIGHTS}")
+
+
+def read_state_dict(path: str):
+    """Tensors of one weight file; never unpickles arbitrary objects."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}). The file is probably "
+                             f"truncated or corrupt ({os.path.getsize(path)} bytes): download it again.") from e
+
+
+def load_config(folder: str, **overrides) -> ChatGLMConfig:
+    p = os.path.join(folder, "config.json")
+    _check_file(p, "model config")
+    try:
+        config = ChatGLMConfig.from_pretrained(folder, **overrides)
+    except Exception as e:
+        raise ModelLoadError(f"{p} is not a valid ChatGLM config ({e})") from e
+    if config.model_type != "chatglm":
+        raise ModelLoadError(f"{p} describes a {config.model_type!r} model, not ChatGLM-6B (model_type 'chatglm')")
+    return config
+
+
+# ---- device and dtype -------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def choose_dtype(device: torch.device, dtype=None) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        dtype = _DTYPES[dtype]
+    if dtype is None:
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype == torch.float16 and device.type == "cpu":
+        warnings.warn("float16 is slow or unsupported on CPU; using float32 instead (bfloat16 is the low-memory "
+                      "choice on CPU)")
+        return torch.float32
+    if dtype == torch.bfloat16 and device.type == "mps":
+        warnings.warn("bfloat16 is not supported on every MPS device; using float16")
+        return torch.float16
+    return dtype
+
+
+# ---- building the model -----------------------------------------------------------------------------------------
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor):
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    if name in module._parameters:
+        old = module._parameters[name]
+        grad = old.requires_grad and tensor.is_floating_point()
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=grad)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        raise KeyError(key)
+
+
+def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfig] = None, quantize=None):
+    """ChatGLMForConditionalGeneration from a folder in the official layout (see module docstring)."""
+    from .modeling import ChatGLMForConditionalGeneration, PrefixEncoder, rotary_inv_freq
+
+    folder = resolve_model_path(path)
+    config = config if config is not None else load_config(folder)
+    device = torch.device(device or default_device())
+    dtype = choose_dtype(device, dtype)
+    if quantize is not None and quantize not in (4, 8):
+        raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
+    if quantize and config.quantization_bit and quantize != config.quantization_bit:
+        raise ModelLoadError(f"{folder} is already quantized to {config.quantization_bit} bits; cannot re-quantize "
+                             f"to {quantize}. Load the FP16 checkpoint instead.")
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    if quantize and not config.quantization_bit:
+        from .quantization import replace_with_empty_quantized
+        replace_with_empty_quantized(model, quantize)
+    expected = {k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"}
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    loaded, shapes_wrong = set(), []
+    for f in files:
+        sd = read_state_dict(f)
+        for key, t in sd.items():
+            if key.endswith("rotary_emb.inv_freq") or key == "lm_head.weight" or key not in expected:
+                continue  # recomputed / tied to the embedding / not ours (reported below if it matters)
+            target = targets[key]
+            if quantize and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
+                from .quantization import quantize_weight
+                q, scale = quantize_weight(t, quantize)
+                _assign(model, key, q.to(device))
+                _assign(model, key + "_scale", scale.to(device=device, dtype=dtype))
+                loaded.update({key, key + "_scale"})
+                continue
+            if tuple(t.shape) != tuple(target.shape):
+                shapes_wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(target.shape)}")
+                continue
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            _assign(model, key, t)
+            loaded.add(key)
+        del sd
+    if shapes_wrong:
+        raise ModelLoadError(f"weights in {folder} do not fit its config.json ({os.path.join(folder, 'config.json')})"
+                             f": {'; '.join(shapes_wrong[:5])}. Use the config.json that came with these weights.")
+    missing = expected - loaded
+    prefix_missing = {k for k in missing if k.startswith("transformer.prefix_encoder.")}
+    if missing - prefix_missing:
+        names = sorted(missing - prefix_missing)
+        raise ModelLoadError(f"{len(names)} weights are missing from {folder} (e.g. {', '.join(names[:3])}); the "
+                             f"checkpoint is incomplete or not ChatGLM-6B. {HOW_TO_GET_WEIGHTS}")
+    if prefix_missing:  # a new P-Tuning model: the prefix encoder starts from a fresh (fp32) initialisation
+        model.transformer.prefix_encoder = PrefixEncoder(config).to(device)
+    for layer in model.transformer.layers:
+        rot = layer.attention.rotary_emb
+        rot.inv_freq = rotary_inv_freq(rot.dim).half().to(device)
+    model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as in the original
+    if quantize:
+        model.config.quantization_bit = quantize
+    model.name_or_path = str(path)
+    model.config._name_or_path = str(path)
+    return model.eval()
+
+
+# ---- P-Tuning -----------------------------------------------------------------------------------------------------
+
+def read_ptuning_checkpoint(folder: str):
+    """(pre_seq_len, prefix_projection, tensors) of a P-Tuning v2 checkpoint folder."""
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"P-Tuning checkpoint {folder!r} does not exist (expected a folder with config.json and "
+                             f"pytorch_model.bin or model.safetensors, e.g. output/adgen-chatglm-6b-pt-128-2e-2/"
+                             f"checkpoint-3000)")
+    cfg = {}
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    tensors = {}
+    for f in weight_files(folder):
+        for k, v in read_state_dict(f).items():
+            if k.startswith("transformer.prefix_encoder."):
+                tensors[k[len("transformer.prefix_encoder."):]] = v
+    if not tensors:
+        raise ModelLoadError(f"{folder} holds no transformer.prefix_encoder.* weights: it is not a P-Tuning v2 "
+                             f"checkpoint")
+    return cfg.get("pre_seq_len"), cfg.get("prefix_projection", False), tensors
+
+
+# ---- the one function every script uses -------------------------------------------------------------------------
+
+def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=None, pre_seq_len=None,
+               ptuning_checkpoint=None, prefix_projection=None):
+    """(tokenizer, model) ready for chat. path: a local folder or hub id; None -> $CHATGLM_MODEL, else the demo
+    checkpoint (announced on stderr; model.is_demo is True). A path that does not load raises ModelLoadError."""
+    is_demo = False
+    if path is None:
+        path = os.environ.get("CHATGLM_MODEL") or None
+    if path is None:
+        from .demo_checkpoint import ensure_demo_checkpoint
+        path, is_demo = ensure_demo_checkpoint(), True
+        print(DEMO_NOTICE, file=sys.stderr, flush=True)
+    if quantize is not None and quantize not in (4, 8):
+        raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
+    folder = resolve_model_path(path)
+    _check_file(os.path.join(folder, VOCAB_FILE), "SentencePiece tokenizer model")
+    tokenizer = ChatGLMTokenizer.from_pretrained(folder)
+    config = load_config(folder)
+    prefix = None
+    if ptuning_checkpoint:
+        ck_len, ck_proj, prefix = read_ptuning_checkpoint(ptuning_checkpoint)
+        config.pre_seq_len = pre_seq_len or ck_len
+        config.prefix_projection = ck_proj if prefix_projection is None else prefix_projection
+        if config.pre_seq_len is None:
+            raise ModelLoadError(f"{ptuning_checkpoint}/config.json does not say pre_seq_len; pass --pre-seq-len")
+    elif pre_seq_len:
+        config.pre_seq_len = pre_seq_len
+        config.prefix_projection = bool(prefix_projection)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelLoadError(f"{os.path.join(folder, VOCAB_FILE)} has {tokenizer.vocab_size} pieces but "
+                             f"config.json's vocab_size is {config.vocab_size}: tokenizer and weights do not belong "
+                             f"together. Download both from the same model repository.")
+    model = load_weights(folder, dtype=dtype, device=device, config=config, quantize=quantize)
+    if prefix is not None:
+        from .ptuning import load_prefix_encoder
+        load_prefix_encoder(model, prefix, source=ptuning_checkpoint)
+    model.is_demo = is_demo
+    model.name_or_path = str(path)
+    return tokenizer, model

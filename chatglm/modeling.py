@@ -1,0 +1,398 @@
+"""The GLM-6B network (ChatGLM-6B), with the official weight names.
+
+Shapes: B batch, S sequence, H hidden, nh heads, hd = H / nh, P prefix length (P-Tuning v2).
+Activations are batch-first ([B, S, H]); the KV cache is transformers' DynamicCache ([B, nh, T, hd] per layer).
+The numerics follow the original exactly where it matters (see ../shared/golden/NOTES.md): fp16-rounded rotary
+frequencies, the fixed residual scale, the -10000 mask fill, and the model-built GLM masks and positions.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration import ChatGLMConfig
+
+# The original's GLMBlock takes its own num_layers argument (default 28) that the model never passes, so the
+# residual scale is sqrt(2 * 28) for every checkpoint, whatever config.num_layers says.
+RESIDUAL_SCALE = math.sqrt(2 * 28)
+MASK_FILL = -10000.0  # not -inf: a fully masked query row (left padding) gets uniform attention, not NaN
+
+
+# ---- 2-D rotary position encoding -------------------------------------------------------------------------------
+
+def rotary_inv_freq(dim: int, base: float = 10000.0) -> torch.Tensor:
+    # The original stores inv_freq in fp16; its rounding is part of the numerics (0.06 logit change without it).
+    return (1.0 / base ** (torch.arange(0, dim, 2).float() / dim)).half().float()
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        # Kept only so state dicts keep the official key; the value is always recomputed, as in the original.
+        self.register_buffer("inv_freq", rotary_inv_freq(dim).half())
+        self._table = None  # (cos, sin) in fp32 for positions [0, n)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "inv_freq", None)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin for integer positions [...], each [..., dim]."""
+        n = int(positions.max()) + 1 if positions.numel() else 1
+        if self._table is None or self._table[0].shape[0] < n or self._table[0].device != positions.device:
+            n = max(n, 64)
+            t = torch.arange(n, device=positions.device, dtype=torch.float32)
+            freqs = torch.outer(t, rotary_inv_freq(self.dim).to(positions.device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._table = (emb.cos(), emb.sin())
+        cos, sin = self._table
+        return F.embedding(positions, cos).to(dtype), F.embedding(positions, sin).to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- blocks -----------------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.position_encoding_2d = config.position_encoding_2d
+        rot_dim = self.head_dim // 2 if self.position_encoding_2d else self.head_dim
+        self.rotary_emb = RotaryEmbedding(rot_dim)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, device=device, dtype=dtype)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x, position_ids, mask, cache: Optional[Cache], prefix_kv=None):
+        B, S, _ = x.shape
+        # per-head [q_h | k_h | v_h] layout, as the checkpoint stores it
+        qkv = self.query_key_value(x).view(B, S, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, nh, S, hd] each
+        if self.position_encoding_2d:
+            cos, sin = self.rotary_emb.cos_sin(position_ids, q.dtype)  # [B, 2, S, hd/2]
+            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, 2, 1, S, hd/2]
+            half = self.head_dim // 2
+            q = torch.cat([apply_rotary(q[..., :half], cos[:, 0], sin[:, 0]),
+                           apply_rotary(q[..., half:], cos[:, 1], sin[:, 1])], dim=-1)
+            k = torch.cat([apply_rotary(k[..., :half], cos[:, 0], sin[:, 0]),
+                           apply_rotary(k[..., half:], cos[:, 1], sin[:, 1])], dim=-1)
+        else:
+            cos, sin = self.rotary_emb.cos_sin(position_ids, q.dtype)
+            q, k = apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1)), apply_rotary(k, cos.unsqueeze(1), sin.unsqueeze(1))
+        if cache is not None:
+            if prefix_kv is not None:  # P-Tuning: the (unrotated) prefix goes in front, once, on the first step
+                cache.update(prefix_kv[0], prefix_kv[1], self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
+        elif prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
+        ctx = attention(q, k, v, mask, self.layer_idx + 1)
+        return self.dense(ctx.transpose(1, 2).reshape(B, S, -1))
+
+
+def attention(q, k, v, mask, c: float):
+    """The original's scaled attention: q / (sqrt(hd) * c), masked with -10000, times c, softmax in fp32.
+
+    The c = layer_index + 1 factors cancel in exact arithmetic (they exist to keep fp16 in range), so
+    softmax(q k^T / sqrt(hd) + mask * c) with an additive mask of -10000 * c is the same function; SDPA computes it
+    without materialising the scores in eager fp32 on the way.
+    """
+    bias = None
+    if mask is not None:
+        # The original *replaces* masked scores, so a query row with every key masked (left padding) attends
+        # uniformly; an additive bias would not. A zero query gives that row equal scores, hence the same result.
+        dead = mask.all(dim=-1, keepdim=True)
+        q = q.masked_fill(dead, 0.0)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask & ~dead, MASK_FILL * c)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size, device=device, dtype=dtype)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        eps = config.layernorm_epsilon
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, device=device, dtype=dtype)
+        self.attention = SelfAttention(config, layer_idx, device=device, dtype=dtype)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, device=device, dtype=dtype)
+        self.mlp = MLP(config, device=device, dtype=dtype)
+
+    def forward(self, x, position_ids, mask, cache=None, prefix_kv=None):
+        # GLM's residuals add the layer-norm output (not the block input), scaled by RESIDUAL_SCALE
+        a = self.input_layernorm(x)
+        h = a * RESIDUAL_SCALE + self.attention(a, position_ids, mask, cache, prefix_kv)
+        m = self.post_attention_layernorm(h)
+        return m * RESIDUAL_SCALE + self.mlp(m)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: learned per-layer past keys/values for P virtual tokens, [P, 2 * L * H]."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        out = 2 * config.num_layers * config.hidden_size
+        self.prefix_projection = config.prefix_projection
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
+                                       nn.Linear(config.hidden_size, out))
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, out)
+
+    def forward(self, prefix_tokens):
+        e = self.embedding(prefix_tokens)
+        return self.trans(e) if self.prefix_projection else e
+
+
+# ---- the model --------------------------------------------------------------------------------------------------
+
+class ChatGLMModel(nn.Module):
+    """Embedding, GLM blocks, final layer norm; owns the GLM mask/position rules and the P-Tuning prefix."""
+
+    gradient_checkpointing = False  # switched by transformers' gradient_checkpointing_enable()
+
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(GLMBlock(config, i, device=device, dtype=dtype) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
+        self.pre_seq_len = config.pre_seq_len
+        if self.pre_seq_len is not None:
+            self.prefix_encoder = PrefixEncoder(config)
+            self.prefix_dropout = nn.Dropout(0.1)
+
+    # GLM prefix-LM inputs built from the ids (the model's own rule; the tokenizer's differs, see glm_positions)
+    def context_lengths(self, input_ids) -> List[int]:
+        bos = self.config.bos_token_id
+        out = []
+        for row in input_ids.tolist():
+            if bos not in row:
+                raise ValueError(f"input has no <sop> (id {bos}); ChatGLM inputs end with [gMASK] <sop> — "
+                                 f"encode them with the tokenizer (add_special_tokens=True)")
+            out.append(row.index(bos))
+        return out
+
+    def mask_positions(self, input_ids) -> List[int]:
+        gmask, mask = self.config.gmask_token_id, self.config.mask_token_id
+        out = []
+        for row in input_ids.tolist():
+            token = gmask if gmask in row else mask
+            if token not in row:
+                raise ValueError(f"input has neither [gMASK] ({gmask}) nor [MASK] ({mask}); encode it with the tokenizer")
+            out.append(row.index(token))
+        return out
+
+    def build_mask(self, input_ids):
+        """[B, 1, S, S] bool, True = blocked: causal, but the whole context (before <sop>) is visible to all."""
+        B, S = input_ids.shape
+        visible = torch.ones(B, S, S, device=input_ids.device).tril_()
+        for i, ctx in enumerate(self.context_lengths(input_ids)):
+            visible[i, :, :ctx] = 1
+        return (visible < 0.5).unsqueeze(1)
+
+    def build_position_ids(self, input_ids):
+        """[B, 2, S]: absolute positions frozen at the mask position from <sop> on, and block positions 1, 2, ..."""
+        B, S = input_ids.shape
+        pos = torch.arange(S, device=input_ids.device).repeat(B, 1)
+        block = torch.zeros(B, S, dtype=torch.long, device=input_ids.device)
+        for i, (ctx, mpos) in enumerate(zip(self.context_lengths(input_ids), self.mask_positions(input_ids))):
+            pos[i, ctx:] = mpos
+            block[i, ctx:] = torch.arange(1, S - ctx + 1, device=input_ids.device)
+        return torch.stack([pos, block], dim=1)
+
+    def prefix_kv(self, batch_size, dtype, device):
+        tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+        L, nh = self.config.num_layers, self.config.num_attention_heads
+        hd = self.config.hidden_size // nh
+        kv = self.prefix_encoder(tokens).to(dtype).view(batch_size, self.pre_seq_len, 2 * L, nh, hd)
+        kv = self.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # [2L, B, nh, P, hd]
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache: Optional[Cache] = None,
+                inputs_embeds=None):
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        first = past_len == 0
+        if first:
+            if attention_mask is None or attention_mask.dtype != torch.bool:
+                attention_mask = self.build_mask(input_ids)
+            if position_ids is None:
+                position_ids = self.build_position_ids(input_ids)
+        elif position_ids is None:
+            raise ValueError("position_ids are required when decoding with a cache (see prepare_inputs_for_generation)")
+        elif attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = None
+        prefix = None
+        if self.pre_seq_len is not None and first:
+            prefix = self.prefix_kv(B, x.dtype, x.device)
+        if self.pre_seq_len is not None and attention_mask is not None:
+            visible = attention_mask.new_zeros(*attention_mask.shape[:3], self.pre_seq_len)
+            attention_mask = torch.cat([visible, attention_mask], dim=3)
+        for i, layer in enumerate(self.layers):
+            p = prefix[i] if prefix is not None else None
+            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(layer.__call__, x, position_ids, attention_mask, None, p)
+            else:
+                x = layer(x, position_ids, attention_mask, cache, p)
+        return self.final_layernorm(x)
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # The official weights always come from a checkpoint; fresh models (demo checkpoint, tests) get small
+        # normal weights so they are at least well-conditioned.
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype.is_floating_point:
+            module.weight.data.normal_(0.0, 0.02)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.pre_seq_len is not None:
+            for name, p in self.named_parameters():
+                if not name.startswith("transformer.prefix_encoder."):
+                    p.requires_grad_(False)
+        if config.quantization_bit:
+            from .quantization import replace_with_empty_quantized
+            replace_with_empty_quantized(self, config.quantization_bit)
+        self.is_demo = False
+        self.name_or_path = getattr(config, "_name_or_path", "")
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.transformer.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is None and use_cache and not (self.training and labels is not None):
+            cache = DynamicCache(config=self.config)
+        h = self.transformer(input_ids, position_ids, attention_mask, cache, inputs_embeds)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            logits32 = logits.float()
+            loss = F.cross_entropy(logits32[:, :-1].reshape(-1, logits32.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            loss = loss.to(h.dtype)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    # ---- transformers' generate() hooks (GLM positions and masks, NOTES.md §5) -----------------------------------
+    # generate() insists on 2-D attention masks and builds 1-D positions of its own, so the GLM ones (the tokenizer's
+    # [B, 1, S, S] mask and [B, 2, S] positions) travel through it as glm_attention_mask / glm_position_ids.
+    @staticmethod
+    def _glm_inputs(attention_mask, position_ids, kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            kwargs["glm_attention_mask"] = attention_mask
+            attention_mask = None
+        if position_ids is not None and position_ids.dim() == 3:
+            kwargs["glm_position_ids"] = position_ids
+            position_ids = None
+        return attention_mask, position_ids
+
+    def generate(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        attention_mask, position_ids = self._glm_inputs(attention_mask, position_ids, kwargs)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        return None  # GLM positions are built by the model (or given as glm_position_ids)
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, glm_attention_mask=None, glm_position_ids=None,
+                                      use_cache=True, **kwargs):
+        mask = glm_attention_mask if glm_attention_mask is not None and glm_attention_mask.dtype == torch.bool else None
+        position_ids = glm_position_ids
+        if cache is not None and cache.get_seq_length() > 0:
+            if position_ids is not None:
+                position_ids = position_ids[..., -1:]
+            else:
+                ctx = self.transformer.context_lengths(input_ids)
+                mpos = self.transformer.mask_positions(input_ids)
+                block = [input_ids.shape[1] - c for c in ctx]
+                position_ids = torch.tensor([mpos, block], dtype=torch.long, device=input_ids.device).T.unsqueeze(-1)
+            return {"input_ids": input_ids[:, -1:], "position_ids": position_ids,
+                    "attention_mask": mask[:, :, -1:] if mask is not None else None,
+                    "cache": cache, "use_cache": use_cache, "logits_to_keep": 1}
+        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "cache": cache,
+                "use_cache": use_cache, "logits_to_keep": 1 if use_cache else 0}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs["cache"] = outputs.cache
+        mask = model_kwargs.get("glm_attention_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            # old rows cannot see the new token; the new row sees what the last row saw, plus itself
+            mask = torch.cat([mask, mask.new_ones(*mask.shape[:3], 1)], dim=3)
+            row = mask[:, :, -1:].clone()
+            row[..., -1] = False
+            model_kwargs["glm_attention_mask"] = torch.cat([mask, row], dim=2)
+        pos = model_kwargs.get("glm_position_ids")
+        if pos is not None:
+            nxt = pos[..., -1:].clone()
+            nxt[:, 1] += 1
+            model_kwargs["glm_position_ids"] = torch.cat([pos, nxt], dim=-1)
+        return model_kwargs
+
+    # ---- conveniences -----------------------------------------------------------------------------------------
+    def quantize(self, bits: int):
+        from .quantization import quantize_model
+        quantize_model(self, bits)
+        self.config.quantization_bit = bits
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, *args, dtype=None, device=None, torch_dtype=None, config=None, **kwargs):
+        """Load a local folder (or cached hub id) in the official layout; see chatglm.loading.load_weights."""
+        from .loading import load_weights
+        return load_weights(path, dtype=dtype or torch_dtype, device=device, config=config)
+
+    from .beam_search import beam_search as _beam_search  # noqa: E402  (the original's beam ranking)
+    from .chat import chat, decode_steps, stream_chat, stream_generate  # noqa: E402  (methods; the chat logic lives there)

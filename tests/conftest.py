@@ -1,0 +1,35 @@
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the scripts and the chatglm package run from the repo root
+GOLDEN = ROOT.parent / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden data not found at {GOLDEN} (it sits beside the repo in CI; a user's clone has none)")
+    return GOLDEN
+
+
+def load_golden(name: str):
+    """(golden.json dict, npz arrays) of one golden folder; skips when ../shared/golden is absent."""
+    folder = GOLDEN / name
+    if not folder.is_dir():
+        pytest.skip(f"golden folder {folder} not found (only present beside the repo in CI)")
+    with open(folder / "golden.json", encoding="utf-8") as f:
+        g = json.load(f)
+    return g, np.load(folder / "golden_arrays.npz")
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> str:
+    """The demo checkpoint in its default place (built on first use), so scripts started by tests without
+    --model-path find the same one."""
+    from chatglm.demo_checkpoint import ensure_demo_checkpoint
+    return ensure_demo_checkpoint()
