@@ -50,8 +50,41 @@ def _with_invalid_guard(logits_processor) -> LogitsProcessorList:
     return logits_processor
 
 
+def check_generation_args(config, max_length=None, top_p=None, temperature=None, top_k=None,
+                          repetition_penalty=None, **unused):
+    """ValueError with a clear message for values generation cannot use (front doors turn it into a 4xx)."""
+    if max_length is not None:
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if max_length > config.max_sequence_length:
+            raise ValueError(f"max_length {max_length} is beyond the model's context (max_sequence_length "
+                             f"{config.max_sequence_length}); use at most {config.max_sequence_length}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+
+
+def cut_at_stop(text: str, stop) -> Tuple[str, bool]:
+    """text up to the first stop string (if any appears), and whether one did."""
+    cut = min((i for i in (text.find(s) for s in stop or () if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 def chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048, num_beams=1,
-         do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, **kwargs):
+         do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, stop=None, **kwargs):
+    """(response, history + [(query, response)]). Extra kwargs (repetition_penalty, top_k, ...) go to generate();
+    stop: strings that end the reply (the reply is cut before the first one)."""
+    check_generation_args(self.config, max_length, top_p, temperature, **kwargs)
+    if stop:  # stop strings need the token-by-token loop
+        *_, last = self.stream_chat(tokenizer, query, history, max_length=max_length, do_sample=do_sample,
+                                    top_p=top_p, temperature=temperature, logits_processor=logits_processor,
+                                    stop=stop, **kwargs)
+        return last
     history = list(history or [])
     if temperature is not None and temperature <= 0:
         do_sample = False  # temperature 0 means "no randomness"; the warper itself rejects 0
@@ -70,24 +103,33 @@ def chat(self, tokenizer, query: str, history: Optional[History] = None, max_len
 
 
 def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048,
-                do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, **kwargs):
+                do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, stop=None, **kwargs):
     """Yields (response_so_far, history + [(query, response_so_far)]) as tokens arrive.
 
     The original never yielded the last token (a length-stopped reply lost it; an <eop>-only reply yielded
     nothing). We yield what it yielded and then, where it differs, the complete reply, so the last yield always
     equals chat()'s result. Closing the generator stops generation.
     """
+    check_generation_args(self.config, max_length, top_p, temperature, **kwargs)
     history = list(history or [])
     inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
     n_prompt = inputs["input_ids"].shape[1]
     last = None
-    for ids, finished in self.decode_steps(**inputs, max_length=max_length, do_sample=do_sample, top_p=top_p,
-                                           temperature=temperature,
-                                           logits_processor=_with_invalid_guard(logits_processor), **kwargs):
-        response = process_response(tokenizer.decode(ids[0, n_prompt:].tolist()))
-        if not finished:
-            last = response
-            yield response, history + [(query, response)]
+    steps = self.decode_steps(**inputs, max_length=max_length, do_sample=do_sample, top_p=top_p,
+                              temperature=temperature, logits_processor=_with_invalid_guard(logits_processor),
+                              **kwargs)
+    try:
+        for ids, finished in steps:
+            response = process_response(tokenizer.decode(ids[0, n_prompt:].tolist()))
+            response, stopped = cut_at_stop(response, stop)
+            if stopped:
+                response = response.strip()
+                break
+            if not finished:
+                last = response
+                yield response, history + [(query, response)]
+    finally:
+        steps.close()  # ends generation at once when our consumer stops early
     if last is None or response != last:
         yield response, history + [(query, response)]
 

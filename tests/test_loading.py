@@ -1,0 +1,194 @@
+"""Loading official-layout folders: key names, shards, safetensors, Auto classes, and clear errors for bad files."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import chatglm
+from chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer, ModelLoadError, load_model
+from chatglm.loading import read_state_dict
+
+
+@pytest.fixture()
+def demo_copy(demo_model_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(demo_model_path, folder)
+    return folder
+
+
+def test_official_key_names_load_strictly(demo_model_path):
+    sd = read_state_dict(os.path.join(demo_model_path, "pytorch_model.bin"))
+    model = ChatGLMForConditionalGeneration(chatglm.ChatGLMConfig.from_pretrained(demo_model_path))
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert set(model.state_dict()) == set(sd)  # we also write exactly the official key set
+
+
+def test_golden_checkpoint_keys_are_exactly_the_models(golden_dir):
+    sd = read_state_dict(str(golden_dir / "tiny" / "pytorch_model.bin"))
+    model = ChatGLMForConditionalGeneration(chatglm.ChatGLMConfig.from_pretrained(golden_dir / "tiny"))
+    assert list(model.state_dict()) == list(sd)  # same names, same order
+
+
+def test_sharded_bin_and_safetensors_give_the_same_logits(demo_copy, tmp_path):
+    from safetensors.torch import save_file
+    tok, ref_model = load_model(str(demo_copy), device="cpu")
+    ids = tok(["你好，请介绍一下你自己"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids).logits
+    sd = read_state_dict(str(demo_copy / "pytorch_model.bin"))
+    keys = list(sd)
+    for fmt in ("bin", "safetensors"):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        for f in ("config.json", "ice_text.model", "tokenizer_config.json"):
+            shutil.copy(demo_copy / f, folder / f)
+        halves = {f"shard-1.{fmt}": keys[: len(keys) // 2], f"shard-2.{fmt}": keys[len(keys) // 2:]}
+        for name, part in halves.items():
+            tensors = {k: sd[k].clone() for k in part}
+            if fmt == "bin":
+                torch.save(tensors, folder / name)
+            else:
+                save_file(tensors, str(folder / name))
+        index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+        weight_map = {k: name for name, part in halves.items() for k in part}
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        _, model = load_model(str(folder), device="cpu")
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, ref), fmt
+
+
+def test_auto_classes_load_our_implementation(demo_model_path):
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(demo_model_path)
+    model = AutoModel.from_pretrained(demo_model_path)
+    assert isinstance(tok, ChatGLMTokenizer) and isinstance(model, ChatGLMForConditionalGeneration)
+    response, history = model.chat(tok, "你好", do_sample=False, max_length=64)
+    assert history == [("你好", response)]
+
+
+def test_stale_auto_map_and_remote_code_files_are_ignored(demo_copy):
+    cfg = json.loads((demo_copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    (demo_copy / "config.json").write_text(json.dumps(cfg))
+    (demo_copy / "modeling_chatglm.py").write_text("raise SystemExit('remote code must never run')\n")
+    tok, model = load_model(str(demo_copy), device="cpu")
+    assert model.chat(tok, "hello", do_sample=False, max_length=40)[0] is not None
+
+
+def test_cpu_float16_request_becomes_float32(demo_model_path):
+    with pytest.warns(UserWarning, match="float32"):
+        _, model = load_model(demo_model_path, device="cpu", dtype="float16")
+    assert model.transformer.word_embeddings.weight.dtype == torch.float32
+
+
+def test_bfloat16_on_cpu_chats(demo_model_path):
+    tok, model = load_model(demo_model_path, device="cpu", dtype="bfloat16")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert isinstance(model.chat(tok, "你好", max_length=48)[0], str)
+
+
+def test_save_pretrained_round_trip(demo_model_path, tmp_path):
+    tok, model = load_model(demo_model_path, device="cpu")
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    tok2, model2 = load_model(str(tmp_path / "saved"), device="cpu")
+    ids = tok(["round trip"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model2(input_ids=ids).logits)
+    assert tok2.encode("round trip") == tok.encode("round trip")
+
+
+# ---- clear errors -------------------------------------------------------------------------------------------------
+
+def test_missing_folder_names_the_path_and_how_to_get_weights(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist.*git clone https://huggingface.co/THUDM/chatglm-6b"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_missing_shard_names_the_file(demo_copy):
+    sd = read_state_dict(str(demo_copy / "pytorch_model.bin"))
+    os.remove(demo_copy / "pytorch_model.bin")
+    torch.save(sd, demo_copy / "pytorch_model-00001-of-00002.bin")
+    weight_map = {k: "pytorch_model-00001-of-00002.bin" for k in sd}
+    weight_map["transformer.final_layernorm.weight"] = "pytorch_model-00002-of-00002.bin"
+    (demo_copy / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match="pytorch_model-00002-of-00002.bin is missing"):
+        load_model(str(demo_copy))
+
+
+def test_truncated_weights_name_the_file(demo_copy):
+    path = demo_copy / "pytorch_model.bin"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin.*truncated or corrupt"):
+        load_model(str(demo_copy))
+
+
+def test_git_lfs_pointer_is_recognised(demo_copy):
+    (demo_copy / "pytorch_model.bin").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1234\n")
+    with pytest.raises(ModelLoadError, match="git-lfs pointer.*git lfs pull"):
+        load_model(str(demo_copy))
+
+
+def test_broken_tokenizer_file_is_reported(demo_copy):
+    (demo_copy / "ice_text.model").write_bytes(b"\x00not a sentencepiece model")
+    with pytest.raises(ValueError, match="ice_text.model is not a valid SentencePiece model"):
+        load_model(str(demo_copy))
+
+
+def test_config_that_does_not_fit_the_weights_is_reported(demo_copy):
+    cfg = json.loads((demo_copy / "config.json").read_text())
+    cfg["hidden_size"] = 256
+    (demo_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="do not fit its config.json"):
+        load_model(str(demo_copy))
+
+
+def test_no_path_means_the_demo_checkpoint_announced_loudly(monkeypatch, capsys, demo_model_path):
+    monkeypatch.delenv("CHATGLM_MODEL", raising=False)
+    monkeypatch.setenv("CHATGLM_DEMO_DIR", demo_model_path)
+    tok, model = load_model()
+    assert model.is_demo
+    assert "DEMO checkpoint" in capsys.readouterr().err
+
+
+def test_named_path_never_falls_back_to_the_demo(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHATGLM_MODEL", str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError):
+        load_model()
+
+
+# ---- chat edge cases ----------------------------------------------------------------------------------------------
+
+def test_chat_edge_cases(demo_model_path):
+    tok, model = load_model(demo_model_path, device="cpu")
+    response, history = model.chat(tok, "", do_sample=False, max_length=32)  # empty query: still a reply
+    assert history == [("", response)]
+    long_history = [("问题" * 50, "回答" * 50)] * 30  # prompt far beyond max_length: no crash, one token
+    response, _ = model.chat(tok, "继续", long_history, do_sample=False, max_length=64)
+    assert isinstance(response, str)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        model.chat(tok, "hi", max_length=model.config.max_sequence_length + 1)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        list(model.stream_chat(tok, "hi", max_length=model.config.max_sequence_length + 1))
+
+
+def test_closing_a_stream_stops_generation(demo_model_path):
+    tok, model = load_model(demo_model_path, device="cpu")
+    steps = []
+    original = model.decode_steps
+
+    def counting(*a, **kw):
+        for item in original(*a, **kw):
+            steps.append(1)
+            yield item
+
+    model.decode_steps = counting
+    stream = model.stream_chat(tok, "写一篇很长的文章", max_length=2000, top_p=1.0, temperature=1.0)
+    next(stream)
+    stream.close()
+    assert len(steps) == 1
