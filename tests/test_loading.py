@@ -192,3 +192,34 @@ def test_closing_a_stream_stops_generation(demo_model_path):
     next(stream)
     stream.close()
     assert len(steps) == 1
+
+
+# ---- P-Tuning checkpoints -----------------------------------------------------------------------------------------
+
+def test_ptuning_checkpoint_config_is_read_and_applied(golden_dir):
+    tok, model = load_model(str(golden_dir / "tiny"), ptuning_checkpoint=str(golden_dir / "tiny-ptuning-proj"),
+                            device="cpu")
+    assert model.config.pre_seq_len == 8 and model.config.prefix_projection is True
+    assert model.chat(tok, "你好", do_sample=False, max_length=40)[0] is not None
+
+
+def test_ptuning_checkpoint_with_other_pre_seq_len_is_explained(golden_dir):
+    with pytest.raises(ModelLoadError, match=r"pre_seq_len=16.*embedding.weight has shape \(8, 256\), expected "
+                                             r"\(16, 256\).*--pre-seq-len"):
+        load_model(str(golden_dir / "tiny"), ptuning_checkpoint=str(golden_dir / "tiny-ptuning"), pre_seq_len=16)
+
+
+def test_ptuning_checkpoint_with_other_projection_is_explained(golden_dir):
+    with pytest.raises(ModelLoadError, match="prefix_projection differs"):
+        load_model(str(golden_dir / "tiny"), ptuning_checkpoint=str(golden_dir / "tiny-ptuning"),
+                   prefix_projection=True)
+
+
+def test_ptuning_checkpoint_for_another_base_model_is_explained(golden_dir, demo_model_path):
+    with pytest.raises(ModelLoadError, match="does not fit this base model.*num_layers=2, hidden_size=128"):
+        load_model(demo_model_path, ptuning_checkpoint=str(golden_dir / "tiny-ptuning"))
+
+
+def test_folder_without_prefix_weights_is_not_a_ptuning_checkpoint(demo_model_path):
+    with pytest.raises(ModelLoadError, match="not a P-Tuning v2 checkpoint"):
+        load_model(demo_model_path, ptuning_checkpoint=demo_model_path)
