@@ -93,7 +93,9 @@ def chat(self, tokenizer, query: str, history: Optional[History] = None, max_len
     if do_sample:
         gen_kwargs.update(top_p=top_p, temperature=temperature)
     inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
-    if inputs["input_ids"].shape[1] >= max_length:
+    if "max_new_tokens" in kwargs:  # it wins over max_length, as in transformers
+        del gen_kwargs["max_length"]
+    elif inputs["input_ids"].shape[1] >= max_length:
         # transformers 4.27 (the original's) still generated one token here; current releases raise
         del gen_kwargs["max_length"]
         gen_kwargs["max_new_tokens"] = 1
@@ -163,7 +165,8 @@ def decode_steps(self, input_ids, attention_mask=None, position_ids=None, max_le
     if top_p is not None and top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p))
     eos, pad = self.config.eos_token_id, self.config.pad_token_id
-    model_kwargs = {"cache": DynamicCache(config=self.config)}
+    from .kv_cache import KVCache
+    model_kwargs = {"cache": KVCache(self.config, max_length=max_length + (self.config.pre_seq_len or 0))}
     self._glm_inputs(attention_mask, position_ids, model_kwargs)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while True:

@@ -286,6 +286,7 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
     if prefix is not None:
         from .ptuning import load_prefix_encoder
         load_prefix_encoder(model, prefix, source=ptuning_checkpoint)
-    model.is_demo = is_demo
+    # also when the demo folder is named explicitly: its config carries a marker
+    model.is_demo = is_demo or bool(getattr(config, "chatglm_demo_version", None))
     model.name_or_path = str(path)
     return tokenizer, model

@@ -1,21 +1,24 @@
 """The GLM-6B network (ChatGLM-6B), with the official weight names.
 
 Shapes: B batch, S sequence, H hidden, nh heads, hd = H / nh, P prefix length (P-Tuning v2).
-Activations are batch-first ([B, S, H]); the KV cache is transformers' DynamicCache ([B, nh, T, hd] per layer).
+Activations are batch-first ([B, S, H]); the KV cache is kv_cache.KVCache ([B, nh, T, hd] per layer,
+written in place; any transformers Cache works).
 The numerics follow the original exactly where it matters (see ../shared/golden/NOTES.md): fp16-rounded rotary
 frequencies, the fixed residual scale, the -10000 mask fill, and the model-built GLM masks and positions.
 """
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import ChatGLMConfig
+from .kv_cache import KVCache
 
 # The original's GLMBlock takes its own num_layers argument (default 28) that the model never passes, so the
 # residual scale is sqrt(2 * 28) for every checkpoint, whatever config.num_layers says.
@@ -41,11 +44,12 @@ class RotaryEmbedding(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "inv_freq", None)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos/sin for integer positions [...], each [..., dim]."""
-        n = int(positions.max()) + 1 if positions.numel() else 1
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, bound: Optional[int] = None):
+        """cos/sin for integer positions [...], each [..., dim]. bound: a known upper bound on the positions (so
+        sizing the table needs no device sync); None -> read positions.max()."""
+        n = (int(positions.max()) + 1 if positions.numel() else 1) if bound is None else bound
         if self._table is None or self._table[0].shape[0] < n or self._table[0].device != positions.device:
-            n = max(n, 64)
+            n = max(n, 2 * self._table[0].shape[0] if self._table is not None else 64)
             t = torch.arange(n, device=positions.device, dtype=torch.float32)
             freqs = torch.outer(t, rotary_inv_freq(self.dim).to(positions.device))
             emb = torch.cat([freqs, freqs], dim=-1)
@@ -63,6 +67,25 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def rope_tables(rotary: RotaryEmbedding, position_ids, dtype, bound=None):
+    """(cos, sin) for every layer, computed once per forward.
+
+    2-D positions [B, 2, S] (GLM): the first half of each head rotates by the absolute position, the second half by
+    the block position; both tables come back concatenated on the last dim, [B, 1, S, hd], so one elementwise pass
+    applies them (see rotate_halves). 1-D positions [B, S]: [B, 1, S, hd].
+    """
+    cos, sin = rotary.cos_sin(position_ids, dtype, bound)
+    if position_ids.dim() == 3:  # [B, 2, S, hd/2] -> [B, 1, S, hd]
+        cos, sin = torch.cat([cos[:, 0], cos[:, 1]], dim=-1), torch.cat([sin[:, 0], sin[:, 1]], dim=-1)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def rotate_halves(x):
+    """rotate_half applied to each half of the last dim separately: [a1 a2 | b1 b2] -> [-a2 a1 | -b2 b1]."""
+    x = x.unflatten(-1, (2, 2, -1))  # [..., half, part, quarter]
+    return torch.stack([-x[..., 1, :], x[..., 0, :]], dim=-2).flatten(-3)
+
+
 # ---- blocks -----------------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
@@ -77,22 +100,15 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, device=device, dtype=dtype)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, device=device, dtype=dtype)
 
-    def forward(self, x, position_ids, mask, cache: Optional[Cache], prefix_kv=None):
+    def forward(self, x, rope, mask, cache: Optional[Cache], prefix_kv=None):
+        """rope: (cos, sin) from rope_tables, shared by all layers."""
         B, S, _ = x.shape
         # per-head [q_h | k_h | v_h] layout, as the checkpoint stores it
         qkv = self.query_key_value(x).view(B, S, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [B, nh, S, hd] each
-        if self.position_encoding_2d:
-            cos, sin = self.rotary_emb.cos_sin(position_ids, q.dtype)  # [B, 2, S, hd/2]
-            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, 2, 1, S, hd/2]
-            half = self.head_dim // 2
-            q = torch.cat([apply_rotary(q[..., :half], cos[:, 0], sin[:, 0]),
-                           apply_rotary(q[..., half:], cos[:, 1], sin[:, 1])], dim=-1)
-            k = torch.cat([apply_rotary(k[..., :half], cos[:, 0], sin[:, 0]),
-                           apply_rotary(k[..., half:], cos[:, 1], sin[:, 1])], dim=-1)
-        else:
-            cos, sin = self.rotary_emb.cos_sin(position_ids, q.dtype)
-            q, k = apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1)), apply_rotary(k, cos.unsqueeze(1), sin.unsqueeze(1))
+        cos, sin = rope
+        rotate = rotate_halves if self.position_encoding_2d else rotate_half
+        q, k = q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
         if cache is not None:
             if prefix_kv is not None:  # P-Tuning: the (unrotated) prefix goes in front, once, on the first step
                 cache.update(prefix_kv[0], prefix_kv[1], self.layer_idx)
@@ -139,10 +155,10 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, device=device, dtype=dtype)
         self.mlp = MLP(config, device=device, dtype=dtype)
 
-    def forward(self, x, position_ids, mask, cache=None, prefix_kv=None):
+    def forward(self, x, rope, mask, cache=None, prefix_kv=None):
         # GLM's residuals add the layer-norm output (not the block input), scaled by RESIDUAL_SCALE
         a = self.input_layernorm(x)
-        h = a * RESIDUAL_SCALE + self.attention(a, position_ids, mask, cache, prefix_kv)
+        h = a * RESIDUAL_SCALE + self.attention(a, rope, mask, cache, prefix_kv)
         m = self.post_attention_layernorm(h)
         return m * RESIDUAL_SCALE + self.mlp(m)
 
@@ -252,13 +268,24 @@ class ChatGLMModel(nn.Module):
         if self.pre_seq_len is not None and attention_mask is not None:
             visible = attention_mask.new_zeros(*attention_mask.shape[:3], self.pre_seq_len)
             attention_mask = torch.cat([visible, attention_mask], dim=3)
+        # GLM positions never exceed the sequence length, so while decoding the table size is known without reading
+        # the positions back from the device; the first call of a sequence checks them.
+        bound = None if first else past_len + S + 1
+        rope = rope_tables(self.layers[0].attention.rotary_emb, position_ids, x.dtype, bound)
         for i, layer in enumerate(self.layers):
             p = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = self._gradient_checkpointing_func(layer.__call__, x, position_ids, attention_mask, None, p)
+                x = self._gradient_checkpointing_func(layer.__call__, x, rope, attention_mask, None, p)
             else:
-                x = layer(x, position_ids, attention_mask, cache, p)
+                x = layer(x, rope, attention_mask, cache, p)
         return self.final_layernorm(x)
+
+
+@dataclass
+class ChatGLMOutput(CausalLMOutputWithPast):
+    """position_ids: the [B, 2, S] GLM positions the model built itself for the first step of a cached sequence,
+    so generation extends them per step instead of rebuilding them from the ids."""
+    position_ids: Optional[torch.LongTensor] = None
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -314,7 +341,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 labels=None, use_cache=None, return_dict=True, logits_to_keep: int = 0, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is None and use_cache and not (self.training and labels is not None):
-            cache = DynamicCache(config=self.config)
+            cache = KVCache(self.config)
+        built_positions = None
+        if position_ids is None and cache is not None and input_ids is not None and cache.get_seq_length() == 0:
+            position_ids = built_positions = self.transformer.build_position_ids(input_ids)
         h = self.transformer(input_ids, position_ids, attention_mask, cache, inputs_embeds)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -325,7 +355,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits32[:, :-1].reshape(-1, logits32.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
             loss = loss.to(h.dtype)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return ChatGLMOutput(loss=loss, logits=logits, cache=cache, position_ids=built_positions)
 
     # ---- transformers' generate() hooks (GLM positions and masks, NOTES.md §5) -----------------------------------
     # generate() insists on 2-D attention masks and builds 1-D positions of its own, so the GLM ones (the tokenizer's
@@ -365,20 +395,32 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "cache": cache,
                 "use_cache": use_cache, "logits_to_keep": 1 if use_cache else 0}
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # our in-place cache instead of DynamicCache, sized for the whole generation (prefix included)
+        if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            model_kwargs["cache"] = KVCache(self.config, max_length=max_cache_length + (self.config.pre_seq_len or 0))
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                     max_cache_length)
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        """Extends the GLM mask and positions by one step. Decoding only ever reads the last mask row and the last
+        position, so only those are kept: the next ones follow from them without looking at the ids."""
         model_kwargs["cache"] = outputs.cache
         mask = model_kwargs.get("glm_attention_mask")
         if mask is not None and mask.dtype == torch.bool:
-            # old rows cannot see the new token; the new row sees what the last row saw, plus itself
-            mask = torch.cat([mask, mask.new_ones(*mask.shape[:3], 1)], dim=3)
-            row = mask[:, :, -1:].clone()
-            row[..., -1] = False
-            model_kwargs["glm_attention_mask"] = torch.cat([mask, row], dim=2)
+            # the new token sees what the last token saw, plus itself
+            row = mask[:, :, -1:]
+            model_kwargs["glm_attention_mask"] = torch.cat([row, row.new_zeros(*row.shape[:3], 1)], dim=3)
         pos = model_kwargs.get("glm_position_ids")
+        if pos is None:
+            pos = getattr(outputs, "position_ids", None)  # built by the model on the first step
         if pos is not None:
-            nxt = pos[..., -1:].clone()
+            nxt = pos[..., -1:].clone()  # the absolute position stays; the block position counts on
             nxt[:, 1] += 1
-            model_kwargs["glm_position_ids"] = torch.cat([pos, nxt], dim=-1)
+            model_kwargs["glm_position_ids"] = nxt
         return model_kwargs
 
     # ---- conveniences -----------------------------------------------------------------------------------------

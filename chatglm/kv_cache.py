@@ -1,0 +1,103 @@
+"""A KV cache written in place: one preallocated [B, nh, capacity, hd] buffer per layer for keys and for values.
+
+transformers' DynamicCache concatenates every step, copying the whole cache per token and layer; here a step
+writes its new keys/values into the next free slots and attention reads a view of the filled part. The buffer
+starts small (the prompt plus a margin, at most `max_length`) and doubles when full, so short chats do not
+reserve max_length slots up front (that matters on GPUs, where reserved memory is resident).
+"""
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+MARGIN = 256  # free slots reserved beyond the first update
+
+
+class KVLayer(CacheLayerMixin):
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, max_length: int = 0):
+        super().__init__()
+        self.max_length = max_length  # a capacity hint (the generation limit), not a hard limit
+        self.length = 0  # a Python int: reading the cache length never syncs with the device
+        self._k = self._v = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self._allocate(key_states, key_states.shape[2] + MARGIN)
+        self.is_initialized = True
+
+    def _allocate(self, like, capacity):
+        if self.max_length:
+            capacity = max(min(capacity, self.max_length), like.shape[2] + self.length)
+        B, nh, _, hd = like.shape
+        k, v = like.new_empty(B, nh, capacity, hd), like.new_empty(B, nh, capacity, hd)
+        if self.length:
+            k[:, :, :self.length] = self._k[:, :, :self.length]
+            v[:, :, :self.length] = self._v[:, :, :self.length]
+        self._k, self._v = k, v
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self._k.shape[2]:
+            self._allocate(key_states, max(end, 2 * self._k.shape[2]))
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1  # grows when full
+
+    def get_mask_sizes(self, query_length: int):
+        return self.length + query_length, 0
+
+    def reset(self):
+        self.length = 0
+        self.keys = self.values = None
+
+    def crop(self, tokens_to_remove: int):
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def _select_rows(self, rows):
+        if self.is_initialized and self.length:
+            n = self.length
+            self._k[:, :, :n] = self._k[:, :, :n].index_select(0, rows)
+            self._v[:, :, :n] = self._v[:, :, :n].index_select(0, rows)
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: row i takes the states of row beam_idx[i] (same batch size), in place."""
+        self._select_rows(beam_idx.to(self.device))
+
+    def _rebuild(self, keys, values):
+        self._k, self._v = keys.contiguous(), values.contiguous()
+        self.keys, self.values = self._k, self._v
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_initialized and self.length:
+            self._rebuild(self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0))
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized and self.length:
+            self._rebuild(self._k[indices], self._v[indices])
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+class KVCache(Cache):
+    """The cache generate(), chat() and stream_chat() use; pass max_length (prompt + new tokens + P-Tuning prefix)
+    when known so the buffers never need to grow past it."""
+
+    def __init__(self, config=None, max_length: int = 0, num_layers: int = None):
+        n = num_layers if num_layers is not None else config.num_layers
+        super().__init__(layers=[KVLayer(max_length) for _ in range(n)])
