@@ -162,14 +162,41 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor):
         raise KeyError(key)
 
 
-def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfig] = None, quantize=None):
-    """ChatGLMForConditionalGeneration from a folder in the official layout (see module docstring)."""
+def _as_device(d) -> torch.device:
+    return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+
+
+def device_lookup(device_map: Optional[dict], default: torch.device):
+    """key -> device: the longest module-name prefix in device_map that contains the key (else default)."""
+    if not device_map:
+        return lambda key: default
+    entries = sorted(((k, _as_device(v)) for k, v in device_map.items()), key=lambda kv: -len(kv[0]))
+
+    def lookup(key):
+        for prefix, dev in entries:
+            if key == prefix or key.startswith(prefix + "."):
+                return dev
+        return default
+    return lookup
+
+
+def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfig] = None, quantize=None,
+                 device_map: Optional[dict] = None):
+    """ChatGLMForConditionalGeneration from a folder in the official layout (see module docstring).
+
+    device_map (module name -> device or GPU index, e.g. utils.auto_configure_device_map) places each weight
+    straight on its device as it is read, so a model split over several GPUs never exists whole in CPU memory.
+    """
     from .modeling import ChatGLMForConditionalGeneration, PrefixEncoder, rotary_inv_freq
 
     folder = resolve_model_path(path)
     config = config if config is not None else load_config(folder)
-    device = torch.device(device or default_device())
+    if device_map:
+        device = _as_device(device_map.get("transformer.word_embeddings", next(iter(device_map.values()))))
+    else:
+        device = torch.device(device or default_device())
     dtype = choose_dtype(device, dtype)
+    device_of = device_lookup(device_map, device)
     if quantize is not None and quantize not in (4, 8):
         raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
     if quantize and config.quantization_bit and quantize != config.quantization_bit:
@@ -193,14 +220,14 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
             if quantize and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
                 from .quantization import quantize_weight
                 q, scale = quantize_weight(t, quantize)
-                _assign(model, key, q.to(device))
-                _assign(model, key + "_scale", scale.to(device=device, dtype=dtype))
+                _assign(model, key, q.to(device_of(key)))
+                _assign(model, key + "_scale", scale.to(device=device_of(key), dtype=dtype))
                 loaded.update({key, key + "_scale"})
                 continue
             if tuple(t.shape) != tuple(target.shape):
                 shapes_wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(target.shape)}")
                 continue
-            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            t = t.to(device=device_of(key), dtype=dtype if t.is_floating_point() else t.dtype)
             _assign(model, key, t)
             loaded.add(key)
         del sd
@@ -214,10 +241,10 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
         raise ModelLoadError(f"{len(names)} weights are missing from {folder} (e.g. {', '.join(names[:3])}); the "
                              f"checkpoint is incomplete or not ChatGLM-6B. {HOW_TO_GET_WEIGHTS}")
     if prefix_missing:  # a new P-Tuning model: the prefix encoder starts from a fresh (fp32) initialisation
-        model.transformer.prefix_encoder = PrefixEncoder(config).to(device)
-    for layer in model.transformer.layers:
+        model.transformer.prefix_encoder = PrefixEncoder(config).to(device_of("transformer.prefix_encoder"))
+    for i, layer in enumerate(model.transformer.layers):
         rot = layer.attention.rotary_emb
-        rot.inv_freq = rotary_inv_freq(rot.dim).half().to(device)
+        rot.inv_freq = rotary_inv_freq(rot.dim).half().to(device_of(f"transformer.layers.{i}"))
     model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as in the original
     if quantize:
         model.config.quantization_bit = quantize
@@ -252,7 +279,7 @@ def read_ptuning_checkpoint(folder: str):
 # ---- the one function every script uses -------------------------------------------------------------------------
 
 def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=None, pre_seq_len=None,
-               ptuning_checkpoint=None, prefix_projection=None):
+               ptuning_checkpoint=None, prefix_projection=None, device_map=None):
     """(tokenizer, model) ready for chat. path: a local folder or hub id; None -> $CHATGLM_MODEL, else the demo
     checkpoint (announced on stderr; model.is_demo is True). A path that does not load raises ModelLoadError."""
     is_demo = False
@@ -282,7 +309,7 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
         raise ModelLoadError(f"{os.path.join(folder, VOCAB_FILE)} has {tokenizer.vocab_size} pieces but "
                              f"config.json's vocab_size is {config.vocab_size}: tokenizer and weights do not belong "
                              f"together. Download both from the same model repository.")
-    model = load_weights(folder, dtype=dtype, device=device, config=config, quantize=quantize)
+    model = load_weights(folder, dtype=dtype, device=device, config=config, quantize=quantize, device_map=device_map)
     if prefix is not None:
         from .ptuning import load_prefix_encoder
         load_prefix_encoder(model, prefix, source=ptuning_checkpoint)

@@ -1,0 +1,613 @@
+"""HTTP API for ChatGLM-6B: upstream's `POST /` and an OpenAI-compatible `/v1/chat/completions` (with streaming).
+
+    python api.py [--model-path DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+One worker thread owns the model and runs one generation at a time, in arrival order; the event loop only parses,
+validates and relays, so /health answers while a long reply is generated. A client that hangs up (or a streaming
+client that closes the connection) stops its generation at the next token.
+"""
+import argparse
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Dict, List, Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from chatglm import build_prompt
+from chatglm.options import add_model_args, add_server_args, load_from_args
+from utils import TextDeltas
+
+log = logging.getLogger("chatglm.api")
+
+# upstream api.py's defaults for POST /, also used by /v1/chat/completions when a field is left out
+DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} (OpenAI's shape) on every route."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(message: str, status: int, param=None, code=None) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---- request bodies -------------------------------------------------------------------------------------------
+# strict: a string where a number belongs (or 1 where a bool belongs) is an error, not silently converted.
+
+class UpstreamRequest(BaseModel):
+    """Body of POST / (upstream api.py). Unknown fields are ignored, as upstream did."""
+    model_config = ConfigDict(strict=True)
+    prompt: str
+    history: Optional[List[List[str]]] = None
+    max_length: Optional[int] = Field(None, ge=1)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v):
+        if not v.strip():
+            raise ValueError("prompt is empty")
+        return v
+
+    @field_validator("history")
+    @classmethod
+    def _history_pairs(cls, v):
+        for i, pair in enumerate(v or []):
+            if len(pair) != 2:
+                raise ValueError(f"history[{i}] has {len(pair)} items; each entry must be a [query, response] pair")
+        return v
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, List[TextPart]]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of POST /v1/chat/completions: the OpenAI fields ChatGLM-6B can honour; others are ignored."""
+    model_config = ConfigDict(strict=True)
+    model: Optional[str] = None  # any name is accepted (clients often send gpt-3.5-turbo); the reply names ours
+    messages: List[Message] = Field(min_length=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, List[str], None] = None
+    n: Optional[int] = 1
+    seed: Optional[int] = None
+    logit_bias: Optional[Dict[str, Union[int, float]]] = None
+    tools: Optional[list] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        v = [v] if isinstance(v, str) else (v or [])
+        if len(v) > 4 or any(not s for s in v):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v):
+        if v not in (None, 1):
+            raise ValueError(f"only n=1 is supported (got n={v})")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v):
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token}] = {bias} is outside [-100, 100]")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError("tools / function calling is not supported by ChatGLM-6B")
+        return v
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors(include_url=False):
+        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where and not msg.startswith(where) else msg)
+    return "; ".join(parts)
+
+
+async def read_body(request: Request, model: type, require_json_type: bool):
+    """The body validated as `model`, or APIError(400) naming what is wrong. POST / takes JSON with any
+    Content-Type (upstream read the raw body, and `curl -d` sends form encoding); /v1 routes insist on JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if require_json_type and not (ctype == "application/json" or ctype.endswith("+json")):
+        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON ({e})" if raw.strip() else "request body is empty; "
+                            "send a JSON object")
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]["loc"]
+        raise APIError(400, _describe(e), param=str(first[0]) if first else None)
+
+
+# ---- the model worker -----------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One generation request, as the worker thread sees it."""
+    id: int
+    route: str
+    query: str
+    history: list
+    max_length: int
+    top_p: float
+    temperature: float
+    prompt_tokens: int
+    stream: bool = False
+    stop: List[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    logit_bias: Optional[Dict[int, float]] = None
+    # set by submit()
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    events: Optional[asyncio.Queue] = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, payload=None):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancelled.set()
+
+
+@dataclass
+class Result:
+    response: str
+    history: list
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length | cancelled
+
+
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: adds a fixed value to the scores of the given token ids (-100 bans a token)."""
+
+    def __init__(self, bias: Dict[int, float]):
+        self.ids = torch.tensor(list(bias.keys()))
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return scores
+
+
+class SeenIds(StoppingCriteria):
+    """Never stops generation, but remembers the ids so far: the exact completion token count, and whether the
+    reply ended with <eop> (finish_reason stop) or ran out of length."""
+    ids = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.ids = input_ids
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _find_stop(text: str, stops: List[str]) -> Optional[int]:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _without_stop_prefix(text: str, stops: List[str]) -> str:
+    """text minus a tail that could still grow into a stop string (never stream half a stop sequence)."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops if len(s) > n):
+            return text[:-n]
+    return text
+
+
+class ModelWorker:
+    """The only thread that touches the model: runs queued jobs one at a time, in arrival order."""
+
+    def __init__(self, tokenizer, model, max_queue: int):
+        self.tokenizer, self.model, self.max_queue = tokenizer, model, max_queue
+        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.current: Optional[Job] = None
+        self.thread = threading.Thread(target=self._run, name="chatglm-model", daemon=True)
+        self.thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, job: Job) -> Job:
+        if self.queued >= self.max_queue:
+            raise APIError(503, f"server busy: {self.queued} requests are already waiting; retry later",
+                           headers={"Retry-After": "5"})
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.jobs.put(job)
+        return job
+
+    def stop(self):
+        if self.current is not None:
+            self.current.cancelled.set()
+        self.jobs.put(None)
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                log.info("#%d %s: client left before its turn; skipped", job.id, job.route)
+                continue
+            self.current = job
+            try:
+                job.emit("done", self._generate(job))
+            except Exception as e:  # a bug or an out-of-memory error: answer 500, keep serving
+                log.exception("#%d %s failed", job.id, job.route)
+                job.emit("error", e)
+            finally:
+                self.current = None
+                if job.seed is not None:
+                    torch.seed()  # the next request without a seed must not replay this one's randomness
+                if self.model.device.type == "cuda":
+                    torch.cuda.empty_cache()  # as upstream: give memory back between requests
+
+    def _generate(self, job: Job) -> Result:
+        seen = SeenIds()
+        processors = LogitsProcessorList([LogitBias(job.logit_bias)]) if job.logit_bias else None
+        if job.seed is not None:
+            torch.manual_seed(job.seed)  # reproducible: only this thread samples
+        deltas, finish, response = TextDeltas(), None, ""
+        start = time.perf_counter()
+        gen = self.model.stream_chat(self.tokenizer, job.query, job.history, max_length=job.max_length,
+                                     top_p=job.top_p, temperature=job.temperature, logits_processor=processors,
+                                     stopping_criteria=StoppingCriteriaList([seen]))
+        try:
+            for response, _ in gen:
+                if job.cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                cut = _find_stop(response, job.stop)
+                if cut is not None:
+                    response, finish = response[:cut], "stop"
+                    break
+                if job.stream:
+                    new = deltas.step(_without_stop_prefix(response, job.stop) if job.stop else response)
+                    if new:
+                        job.emit("delta", new)
+        finally:
+            gen.close()  # stops the decoding loop at once
+        generated = seen.ids[0, job.prompt_tokens:].tolist() if seen.ids is not None else []
+        if finish is None:
+            finish = "stop" if generated and generated[-1] == self.tokenizer.eos_token_id else "length"
+        if job.stream and finish != "cancelled":
+            rest = deltas.finish(response)
+            if rest:
+                job.emit("delta", rest)
+        took = time.perf_counter() - start
+        if finish == "cancelled":
+            log.info("#%d %s: client disconnected; stopped after %d tokens (%.2f s)", job.id, job.route,
+                     len(generated), took)
+        else:
+            log.info("#%d %s: %d prompt + %d completion tokens in %.2f s (%s)", job.id, job.route,
+                     job.prompt_tokens, len(generated), took, finish)
+        return Result(response, job.history + [(job.query, response)], job.prompt_tokens, len(generated), finish)
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def job_events(job: Job, request: Request):
+    """The worker's events for `job`, ending with done/error; ClientGone when the client hangs up first."""
+    last_check = time.monotonic()
+    while True:
+        try:
+            item = await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            item = None
+        if item is None or time.monotonic() - last_check > 0.25:
+            last_check = time.monotonic()
+            if await request.is_disconnected():
+                raise ClientGone()
+        if item is not None:
+            yield item
+            if item[0] in ("done", "error"):
+                return
+
+
+async def wait_result(job: Job, request: Request) -> Result:
+    try:
+        async for kind, payload in job_events(job, request):
+            if kind == "done":
+                return payload
+            if kind == "error":
+                raise APIError(500, f"generation failed: {type(payload).__name__}: {payload}")
+    finally:
+        job.cancelled.set()  # no-op when finished; stops the generation if the client left or we were cancelled
+
+
+# ---- API key --------------------------------------------------------------------------------------------------
+
+class RequireAPIKey:
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <key>` (what the openai client
+    sends). Plain ASGI, not BaseHTTPMiddleware, so streaming and disconnect detection are untouched."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                msg = ("missing API key: send 'Authorization: Bearer <key>'" if not given else "wrong API key")
+                response = JSONResponse(error_body(msg, 401, code="invalid_api_key"), status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---- the app --------------------------------------------------------------------------------------------------
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: Optional[str] = None,
+               max_queue: int = 64) -> FastAPI:
+    context = int(model.config.max_sequence_length)
+    served_name = model_name or ("chatglm-demo" if getattr(model, "is_demo", False) else
+                                 os.path.basename(str(model.name_or_path).rstrip("/\\")) or "chatglm-6b")
+    started = int(time.time())
+    request_ids = itertools.count(1)
+    worker = ModelWorker(tokenizer, model, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.stop()
+
+    app = FastAPI(title="ChatGLM-6B API", lifespan=lifespan)
+    app.state.worker = worker
+    if api_key:
+        app.add_middleware(RequireAPIKey, key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(error_body(e.message, e.status, e.param, e.code), status_code=e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    def count_prompt(query: str, history: list) -> int:
+        return len(tokenizer([build_prompt(query, history)])["input_ids"][0])
+
+    def check_context(prompt_tokens: int, max_length: int, what: str):
+        if prompt_tokens >= context:
+            raise APIError(400, f"{what} is {prompt_tokens} tokens, which does not fit the model's context of "
+                                f"{context} tokens; shorten it or send less history", code="context_length_exceeded")
+        if prompt_tokens >= max_length:
+            raise APIError(400, f"{what} is {prompt_tokens} tokens, so max_length={max_length} leaves no room for "
+                                f"a reply; raise max_length (at most {context}) or send less history",
+                           param="max_length", code="context_length_exceeded")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served_name, "generating": worker.current is not None,
+                "queued": worker.queued}
+
+    @app.post("/")
+    async def upstream_chat(request: Request):
+        """Upstream's API: {"prompt", "history", "max_length", "top_p", "temperature"} -> {"response", "history",
+        "status": 200, "time"}. Explicit values are used as given (upstream replaced 0 by the default)."""
+        body = await read_body(request, UpstreamRequest, require_json_type=False)
+        history = [tuple(pair) for pair in body.history or []]
+        max_length = body.max_length if body.max_length is not None else min(DEFAULT_MAX_LENGTH, context)
+        if max_length > context:
+            raise APIError(400, f"max_length={max_length} is more than the model's context of {context} tokens",
+                           param="max_length")
+        prompt_tokens = count_prompt(body.prompt, history)
+        check_context(prompt_tokens, max_length, "the prompt with its history")
+        job = worker.submit(Job(
+            next(request_ids), "POST /", body.prompt, history, max_length,
+            DEFAULT_TOP_P if body.top_p is None else body.top_p,
+            DEFAULT_TEMPERATURE if body.temperature is None else body.temperature, prompt_tokens))
+        try:
+            result = await wait_result(job, request)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        return {"response": result.response, "history": [list(pair) for pair in result.history], "status": 200,
+                "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
+                                            "owned_by": "THUDM"}]}
+
+    def to_query_and_history(messages: List[Message]):
+        """OpenAI messages -> (query, [(q, a), ...]). System messages are put in front of the first user message
+        (ChatGLM-6B has no system role); consecutive messages of one role are joined by newlines."""
+        system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
+        turns: List[List[str]] = []  # [role, text]
+        for m in messages:
+            if m.role in ("system", "developer"):
+                continue
+            if turns and turns[-1][0] == m.role:
+                turns[-1][1] += "\n" + m.text
+            else:
+                turns.append([m.role, m.text])
+        if not turns or turns[-1][0] != "user":
+            raise APIError(400, "the last message must have role 'user' (the question to answer)", param="messages")
+        if turns[0][0] != "user":
+            raise APIError(400, "the conversation must start with a 'user' message (after any system messages)",
+                           param="messages")
+        if system:
+            turns[0][1] = system + "\n" + turns[0][1]
+        history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+        query = turns[-1][1]
+        if not query.strip():
+            raise APIError(400, "the last user message is empty", param="messages")
+        return query, history
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatCompletionRequest, require_json_type=True)
+        query, history = to_query_and_history(body.messages)
+        prompt_tokens = count_prompt(query, history)
+        check_context(prompt_tokens, context, "the conversation")
+        max_new = body.max_completion_tokens or body.max_tokens
+        bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
+        bad = [k for k in bias if k >= model.config.vocab_size]
+        if bad:
+            raise APIError(400, f"logit_bias token id {bad[0]} is not in the vocabulary (size "
+                                f"{model.config.vocab_size})", param="logit_bias")
+        job = worker.submit(Job(
+            next(request_ids), "/v1/chat/completions" + (" stream" if body.stream else ""), query, history,
+            min(context, prompt_tokens + max_new) if max_new else context,
+            DEFAULT_TOP_P if body.top_p is None else body.top_p,
+            DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+            prompt_tokens, stream=bool(body.stream), stop=body.stop or [], seed=body.seed, logit_bias=bias or None))
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(r: Result) -> dict:
+            return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                    "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+        if not body.stream:
+            try:
+                result = await wait_result(job, request)
+            except ClientGone:
+                return JSONResponse({}, status_code=499)
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": served_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.response},
+                                 "finish_reason": result.finish_reason}],
+                    "usage": usage(result)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict, finish_reason=None, **extra) -> str:
+            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served_name,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            if include_usage and "usage" not in extra:
+                obj["usage"] = None
+            return f"data: {_json(obj)}\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for kind, payload in job_events(job, request):
+                    if kind == "delta":
+                        yield chunk({"content": payload})
+                    elif kind == "done":
+                        yield chunk({}, payload.finish_reason)
+                        if include_usage:
+                            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": served_name, "choices": [], "usage": usage(payload)}
+                            yield f"data: {_json(obj)}\n\n"
+                    elif kind == "error":
+                        yield f"data: {_json(error_body(f'generation failed: {payload}', 500))}\n\n"
+                yield "data: [DONE]\n\n"
+            except ClientGone:
+                pass
+            finally:
+                job.cancelled.set()  # the client closed the stream (or the server is stopping): stop generating
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="ChatGLM-6B over HTTP: upstream's POST / and OpenAI-compatible /v1/chat/completions.")
+    add_model_args(parser)
+    add_server_args(parser, port=8000)
+    g = parser.add_argument_group("api")
+    g.add_argument("--api-key", default=os.environ.get("CHATGLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every request (default: $CHATGLM_API_KEY; none)")
+    g.add_argument("--model-name", default=None,
+                   help="model id reported by /v1/models and in replies (default: the model folder's name)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait for the model before new ones get 503 (default 64)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from chatglm import ModelLoadError
+    try:
+        tokenizer, model = load_from_args(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach port %d can use the model",
+                    args.host, args.port)
+    app = create_app(tokenizer, model, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue)
+
+    import uvicorn
+    log.info("ChatGLM-6B API on http://%s:%d (POST /, /v1/chat/completions, /v1/models, /health)",
+             args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

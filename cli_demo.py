@@ -1,0 +1,123 @@
+"""Chat with ChatGLM-6B in the terminal; replies stream in as they are generated.
+
+    python cli_demo.py [--model-path DIR] [--quantize 4|8] [--temperature 0.95] ...
+
+`clear` forgets the conversation and clears the screen, `stop` exits. Ctrl-C during a reply stops that reply (what
+was shown stays in the conversation); Ctrl-C or Ctrl-D at the prompt exits.
+"""
+import argparse
+import os
+import sys
+
+from chatglm import build_prompt
+from chatglm.options import add_model_args, load_from_args
+from utils import TextDeltas
+
+WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+WELCOME_EN = "Type a message to chat; 'clear' clears the history, 'stop' exits, Ctrl-C stops a reply."
+USER_PROMPT = "\n用户："
+BOT_LABEL = "\nChatGLM-6B："
+INTERRUPTED = "\n（已中断 / interrupted）"
+
+
+def greet(model, notice=True):
+    from chatglm import DEMO_NOTICE
+    print(WELCOME)
+    print(WELCOME_EN)
+    print(f"Model: {model.name_or_path}")
+    if notice and getattr(model, "is_demo", False):
+        print(DEMO_NOTICE)
+    sys.stdout.flush()
+
+
+def clear_screen():
+    if os.name == "nt":
+        os.system("cls")
+    else:
+        print("\033[2J\033[H", end="", flush=True)  # clear, cursor home (no `clear` binary or TERM needed)
+
+
+def fit_history(tokenizer, query, history, max_length, reply_room=256):
+    """Drops the oldest turns until the prompt leaves `reply_room` tokens (or half of max_length) for the reply;
+    otherwise a long conversation would outgrow max_length and the model's context."""
+    room = min(reply_room, max_length // 2)
+    history = list(history)
+    dropped = 0
+    while history and len(tokenizer([build_prompt(query, history)])["input_ids"][0]) > max_length - room:
+        history.pop(0)
+        dropped += 1
+    return history, dropped
+
+
+def reply(model, tokenizer, query, history, args):
+    """Streams one answer to stdout and returns the new history. Ctrl-C stops generation and keeps what was shown."""
+    print(BOT_LABEL, end="", flush=True)
+    deltas, response, new_history = TextDeltas(), "", None
+    gen = model.stream_chat(tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
+                            temperature=args.temperature)
+    try:
+        for response, new_history in gen:
+            print(deltas.step(response), end="", flush=True)
+        print(deltas.finish(response), flush=True)
+    except KeyboardInterrupt:
+        gen.close()  # stops decoding now
+        print(INTERRUPTED, flush=True)
+        return history + [(query, deltas.sent)] if deltas.sent else history
+    return new_history if new_history is not None else history
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Chat with ChatGLM-6B in the terminal.")
+    add_model_args(parser)
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most (default 2048)")
+    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold (default 0.7)")
+    g.add_argument("--temperature", type=float, default=0.95,
+                   help="sampling temperature; 0 = always the most likely token (default 0.95)")
+    args = parser.parse_args(argv)
+    for stream in (sys.stdin, sys.stdout):  # a mis-set locale must not crash on Chinese or emoji
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+    from chatglm import ModelLoadError
+    try:
+        tokenizer, model = load_from_args(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.max_length = min(args.max_length, int(model.config.max_sequence_length))
+    try:
+        import readline  # noqa: F401  line editing and input history (wide characters included); not on Windows
+    except ImportError:
+        pass
+
+    history = []
+    greet(model, notice=False)  # load_model has just printed the demo notice
+    while True:
+        try:
+            query = input(USER_PROMPT)
+        except (KeyboardInterrupt, EOFError):
+            print()
+            return 0
+        command = query.strip()
+        if not command:
+            continue
+        if command == "stop":
+            return 0
+        if command == "clear":
+            history = []
+            clear_screen()
+            greet(model)
+            continue
+        history, dropped = fit_history(tokenizer, query, history, args.max_length)
+        n_tokens = len(tokenizer([build_prompt(query, history)])["input_ids"][0])
+        if n_tokens >= args.max_length:
+            print(f"（输入过长 / message too long: {n_tokens} tokens, --max-length is {args.max_length}）")
+            continue
+        if dropped:
+            print(f"（对话过长，已忘记最早的 {dropped} 轮 / dropped the {dropped} oldest turn(s) to fit）")
+        history = reply(model, tokenizer, query, history, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

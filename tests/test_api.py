@@ -1,0 +1,456 @@
+"""api.py as users run it: a real server process on a loopback port with the demo checkpoint, driven over HTTP by
+httpx (upstream's POST / contract, raw Server-Sent Events) and by the official openai client."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from chatglm import build_prompt, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-5f2c"
+
+
+class Server:
+    def __init__(self, model_path, log_path, *args, env=None, key=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.key, self.model_path = log_path, key, model_path
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.log_file = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "api.py", "--model-path", model_path, "--port", str(self.port), *args], cwd=ROOT,
+            stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"api.py exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", headers=self.headers, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"api.py did not come up:\n{self.log()}")
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_path, tmp_path_factory):
+    env = {"CHATGLM_API_KEY": ""}  # a key set in the caller's environment must not leak into this server
+    s = Server(demo_model_path, tmp_path_factory.mktemp("api") / "server.log", env=env)
+    yield s
+    s.stop()
+    assert s.proc.returncode == 0, s.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ref(demo_model_path):
+    """The same checkpoint in this process: greedy replies to compare the server's with."""
+    return load_model(demo_model_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def prompt_tokens(tokenizer, query, history=()):
+    return len(tokenizer([build_prompt(query, list(history))])["input_ids"][0])
+
+
+def greedy(ref, query, history=(), max_new=None, max_length=None):
+    tokenizer, model = ref
+    if max_length is None:
+        max_length = prompt_tokens(tokenizer, query, history) + max_new
+    return model.chat(tokenizer, query, list(history), max_length=max_length, temperature=0)[0]
+
+
+def disconnect_lines(server):
+    return re.findall(r"client disconnected; stopped after (\d+) tokens", server.log())
+
+
+def wait_until_idle(server, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not httpx.get(server.url + "/health", headers=server.headers, timeout=5).json()["generating"]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ---- upstream's POST / -------------------------------------------------------------------------------------------
+
+def test_post_root_answers_upstreams_curl_request(server, ref):
+    # exactly the README's curl: no Content-Type header of its own (curl -d sends form encoding)
+    body = '{"prompt": "你好", "history": [], "max_length": 64, "temperature": 0}'.encode()
+    r = httpx.post(server.url, content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert list(data) == ["response", "history", "status", "time"]
+    assert data["response"] == greedy(ref, "你好", max_length=64)
+    assert data["history"] == [["你好", data["response"]]]
+    assert data["status"] == 200
+    stamp = datetime.strptime(data["time"], "%Y-%m-%d %H:%M:%S")
+    assert abs((datetime.now() - stamp).total_seconds()) < 60
+
+
+def test_post_root_continues_the_history_it_is_given(server, ref):
+    history = [["你好", "Here. name"]]
+    r = httpx.post(server.url, json={"prompt": "hello", "history": history, "max_length": 60, "top_p": 0.7,
+                                     "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = greedy(ref, "hello", [("你好", "Here. name")], max_length=60)
+    assert expected != greedy(ref, "hello", max_length=60)  # the history really changes the answer
+    assert r.json()["response"] == expected
+    assert r.json()["history"] == history + [["hello", expected]]
+
+
+def test_post_root_samples_with_upstream_defaults_when_fields_are_left_out(server):
+    r = httpx.post(server.url, json={"prompt": "你好", "history": None, "max_length": 40}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["history"] == [["你好", r.json()["response"]]]
+
+
+LONG_PROMPT = "hello " * 2500  # > 2048 tokens, the demo model's context
+
+BAD_REQUESTS = [
+    # (route, body (str = raw bytes), status, words the message must contain)
+    ("/", '{"prompt": "你好"', 400, "not valid JSON"),
+    ("/", "", 400, "empty"),
+    ("/", "[1, 2]", 400, "JSON object"),
+    ("/", {"history": []}, 400, "prompt"),
+    ("/", {"prompt": 42}, 400, "prompt"),
+    ("/", {"prompt": "   "}, 400, "prompt is empty"),
+    ("/", {"prompt": "hi", "history": [["only one"]]}, 400, "[query, response] pair"),
+    ("/", {"prompt": "hi", "history": "你好"}, 400, "history"),
+    ("/", {"prompt": "hi", "history": [["a", 1]]}, 400, "history[0][1]"),
+    ("/", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/", {"prompt": "hi", "temperature": -0.1}, 400, "temperature"),
+    ("/", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/", {"prompt": "hi", "max_length": 0}, 400, "max_length"),
+    ("/", {"prompt": "hi", "max_length": 2049}, 400, "context of 2048"),
+    ("/", {"prompt": "hi", "max_length": 2.5}, 400, "max_length"),
+    ("/", {"prompt": LONG_PROMPT}, 400, "context of 2048"),
+    ("/", {"prompt": "hello world", "max_length": 4}, 400, "no room for a reply"),
+    ("/v1/chat/completions", {"model": "m", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "m"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user"}]}, 400, "content"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "a"},
+                                                         {"role": "assistant", "content": "b"}]}, 400, "last message"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": " "}]}, 400, "empty"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5},
+     400, "temperature"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+     400, "stream"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n=1"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "logit_bias": {"99999": 5}}, 400, "vocabulary"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function"}]}, 400, "not supported"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
+     "context of 2048"),
+]
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
+    failures = []
+    with httpx.Client(timeout=30) as http:
+        for route, body, status, words in BAD_REQUESTS:
+            if isinstance(body, str):
+                r = http.post(server.url + route, content=body.encode(),
+                              headers={"Content-Type": "application/json"})
+            else:
+                r = http.post(server.url + route, json=body)
+            message = r.json().get("error", {}).get("message", "") if r.status_code < 500 else r.text
+            if r.status_code != status or words not in message:
+                failures.append(f"{route} {str(body)[:80]!r}: {r.status_code} {message!r}")
+        r = http.post(server.url + "/v1/chat/completions", content=b'{"model": "m", "messages": []}',
+                      headers={"Content-Type": "text/plain"})
+        if r.status_code != 415 or "application/json" not in r.json()["error"]["message"]:
+            failures.append(f"text/plain body: {r.status_code} {r.text}")
+        ok = http.post(server.url, json={"prompt": "你好", "max_length": 30, "temperature": 0})
+    assert not failures, "\n".join(failures)
+    assert ok.status_code == 200 and ok.json()["response"]
+    assert "Traceback" not in server.log()
+
+
+# ---- OpenAI-compatible API, through the official client ----------------------------------------------------------
+
+def served_name(ref, model_path):
+    return "chatglm-demo" if ref[1].is_demo else os.path.basename(model_path)
+
+
+def test_openai_client_lists_the_model(server, client, ref, demo_model_path):
+    assert [m.id for m in client.models.list()] == [served_name(ref, demo_model_path)]
+
+
+def test_openai_client_chat_completion_matches_the_model(client, ref):
+    messages = [{"role": "system", "content": "回答要简短。"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Here. name"}, {"role": "user", "content": "hello"}]
+    # ChatGLM-6B has no system role: it leads the first user turn; earlier turns become the history
+    history = [("回答要简短。\n你好", "Here. name")]
+    reply = client.chat.completions.create(model="chatglm-6b", messages=messages, max_tokens=12, temperature=0)
+    expected = greedy(ref, "hello", history, max_new=12)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    n_prompt = prompt_tokens(ref[0], "hello", history)
+    assert reply.usage.prompt_tokens == n_prompt
+    # "hello" makes the demo model repeat itself, so it runs into max_tokens
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == n_prompt + 12
+
+
+def test_openai_client_finish_reason_stop_when_the_model_ends(client, ref):
+    # content as a list of text parts, as newer clients send it
+    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "你"}, {"type": "text", "text": "好"}]}], max_tokens=40, temperature=0)
+    assert reply.choices[0].message.content == greedy(ref, "你好", max_new=40)
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 40
+
+
+def test_openai_client_streams_the_same_text_chunk_by_chunk(client, ref):
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Here. name"},
+                {"role": "user", "content": "hello"}]
+    stream = client.chat.completions.create(model="x", messages=messages, max_tokens=30, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    expected = greedy(ref, "hello", [("你好", "Here. name")], max_new=30)
+    assert "".join(contents) == expected
+    assert len(contents) > 3  # streamed, not sent in one piece
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens(ref[0], "hello", [("你好", "Here. name")])
+
+
+def test_stream_is_server_sent_events_ending_in_done(server):
+    body = {"model": "x", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 10, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_sequences_end_the_reply_before_them(client, ref):
+    full = greedy(ref, "hello", max_new=30)
+    stop = "you you"
+    assert stop in full
+    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello"}],
+                                           max_tokens=30, temperature=0, stop=[stop])
+    assert reply.choices[0].message.content == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=30, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == full[:full.index(stop)]
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def ask(seed):
+        return client.chat.completions.create(model="x", messages=[{"role": "user", "content": "讲个故事"}],
+                                              max_tokens=24, temperature=1.0, top_p=1.0,
+                                              seed=seed).choices[0].message.content
+    first = ask(7)
+    assert ask(7) == first
+    assert len({ask(s) for s in (1, 2, 3, 4)} | {first}) > 1  # and it really samples
+
+
+def test_openai_client_reports_bad_requests_as_errors(client):
+    with pytest.raises(openai.BadRequestError, match="last message"):
+        client.chat.completions.create(model="x", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=5)
+
+
+# ---- concurrency, cancellation ----------------------------------------------------------------------------------
+
+def test_health_answers_during_a_long_generation_and_disconnect_stops_it(server, ref):
+    eos = ref[0].eos_token_id
+    before = len(disconnect_lines(server))
+    body = {"model": "x", "messages": [{"role": "user", "content": "hello"}], "stream": True, "max_tokens": 2000,
+            "temperature": 0, "logit_bias": {str(eos): -100}}  # no end token: a long reply
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            lines, seen = r.iter_lines(), 0  # keep the iterator: dropping it closes the connection
+            while seen < 5:
+                seen += '"content":"' in next(lines)
+            start = time.perf_counter()
+            health = httpx.get(server.url + "/health", timeout=10).json()
+            took = time.perf_counter() - start
+            assert health["generating"] is True
+            assert took < 2.0, f"/health took {took:.2f} s while the model was busy"
+        # leaving the block closes the connection mid-stream
+    assert wait_until_idle(server, 10), "generation went on after the client disconnected"
+    deadline = time.monotonic() + 5
+    while len(disconnect_lines(server)) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped_after = int(disconnect_lines(server)[before])
+    assert stopped_after < 1000
+
+
+@pytest.mark.parametrize("route", ["/", "/v1/chat/completions"])
+def test_non_streaming_client_that_gives_up_stops_its_generation(server, route):
+    before = len(disconnect_lines(server))
+    body = ({"prompt": "hello", "max_length": 2048, "temperature": 0} if route == "/" else
+            {"model": "x", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000,
+             "temperature": 0})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + route, json=body, timeout=httpx.Timeout(30, read=1.0))
+    assert wait_until_idle(server, 10), "generation went on after the client gave up"
+    deadline = time.monotonic() + 5
+    while len(disconnect_lines(server)) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(disconnect_lines(server)) == before + 1
+
+
+def test_32_concurrent_mixed_requests_each_get_their_own_answer(server, client, ref):
+    with open(ROOT / "chatglm" / "demo_corpus.txt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    queries = [f"{lines[i % len(lines)][:12]}{i}" for i in range(32)]
+    max_new = 12
+    expected = {q: greedy(ref, q, max_new=max_new) for q in queries}
+    assert len(set(expected.values())) >= 24, "the prompts must lead to different answers"
+    start = threading.Barrier(32)
+
+    def post_root(q):
+        start.wait()
+        r = httpx.post(server.url, json={"prompt": q, "max_length": prompt_tokens(ref[0], q) + max_new,
+                                         "temperature": 0}, timeout=300)
+        return r.json()["response"]
+
+    def openai_plain(q):
+        start.wait()
+        return client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}],
+                                              max_tokens=max_new, temperature=0).choices[0].message.content
+
+    def openai_stream(q):
+        start.wait()
+        stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}],
+                                                max_tokens=max_new, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    def raw_sse(q):
+        start.wait()
+        body = {"model": "x", "messages": [{"role": "user", "content": q}], "max_tokens": max_new,
+                "temperature": 0, "stream": True}
+        text = ""
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        return text
+
+    kinds = [post_root, openai_plain, openai_stream, raw_sse]
+    began = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        futures = {q: pool.submit(kinds[i % 4], q) for i, q in enumerate(queries)}
+        got = {q: f.result(timeout=300) for q, f in futures.items()}
+    took = time.perf_counter() - began
+    wrong = {q: (got[q], expected[q]) for q in queries if got[q] != expected[q]}
+    assert not wrong, wrong
+    assert took < 240, took
+
+
+# ---- API key ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keyed_server(demo_model_path, tmp_path_factory):
+    s = Server(demo_model_path, tmp_path_factory.mktemp("api-key") / "server.log", "--max-queue", "1",
+               env={"CHATGLM_API_KEY": API_KEY}, key=API_KEY)
+    yield s
+    s.stop()
+
+
+def test_api_key_is_required_on_every_endpoint(keyed_server):
+    calls = [("GET", "/health", None), ("GET", "/v1/models", None), ("POST", "/", {"prompt": "你好"}),
+             ("POST", "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]})]
+    for method, path, body in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            r = httpx.request(method, keyed_server.url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert "API key" in r.json()["error"]["message"]
+    ok = httpx.post(keyed_server.url, json={"prompt": "你好", "max_length": 30},
+                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["status"] == 200
+
+
+def test_openai_client_with_the_api_key(keyed_server):
+    good = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    assert good.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}],
+                                        max_tokens=8).choices[0].message.content is not None
+    bad = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_a_full_queue_answers_503_at_once(keyed_server, ref):
+    url, auth = keyed_server.url, keyed_server.headers
+    long_reply = {"model": "x", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000,
+                  "temperature": 0, "logit_bias": {str(ref[0].eos_token_id): -100}}
+
+    def health():
+        return httpx.get(url + "/health", headers=auth, timeout=10).json()
+
+    with httpx.Client(headers=auth, timeout=60) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json={**long_reply, "stream": True}) as running:
+            lines = running.iter_lines()
+            while '"content":"' not in next(lines):  # generating now
+                pass
+            second = []
+
+            def wait_in_queue():
+                second.append(httpx.post(url + "/", json={"prompt": "你好", "max_length": 40}, headers=auth,
+                                         timeout=60))
+
+            waiting = threading.Thread(target=wait_in_queue)
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while health()["queued"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert health() == {"status": "ok", "model": served_name(ref, keyed_server.model_path),
+                                "generating": True, "queued": 1}
+            start = time.perf_counter()
+            r = http.post(url + "/v1/chat/completions", json=long_reply)
+            assert r.status_code == 503 and time.perf_counter() - start < 2
+            assert "busy" in r.json()["error"]["message"] and r.headers["retry-after"]
+    # the long stream is closed: its generation stops and the waiting request gets its turn
+    waiting.join(60)
+    assert second and second[0].status_code == 200 and second[0].json()["history"][0][0] == "你好"
+    assert wait_until_idle(keyed_server, 15)
