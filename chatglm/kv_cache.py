@@ -5,6 +5,8 @@ writes its new keys/values into the next free slots and attention reads a view o
 starts small (the prompt plus a margin, at most `max_length`) and doubles when full, so short chats do not
 reserve max_length slots up front (that matters on GPUs, where reserved memory is resident).
 """
+from contextlib import nullcontext
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -23,27 +25,35 @@ class KVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
-        self._allocate(key_states, key_states.shape[2] + MARGIN)
+        self._allocate(key_states, key_states.shape[2], key_states.shape[2] + MARGIN)
         self.is_initialized = True
 
-    def _allocate(self, like, capacity):
-        if self.max_length:
-            capacity = max(min(capacity, self.max_length), like.shape[2] + self.length)
+    def _allocate(self, like, needed, wanted):
+        """New buffers of at least `needed` slots (`wanted`, capped at max_length while that suffices), holding
+        what the old ones held."""
+        if self.max_length and needed <= self.max_length:
+            wanted = min(wanted, self.max_length)
         B, nh, _, hd = like.shape
-        k, v = like.new_empty(B, nh, capacity, hd), like.new_empty(B, nh, capacity, hd)
+        k, v = like.new_empty(B, nh, max(wanted, needed), hd), like.new_empty(B, nh, max(wanted, needed), hd)
         if self.length:
-            k[:, :, :self.length] = self._k[:, :, :self.length]
-            v[:, :, :self.length] = self._v[:, :, :self.length]
+            with self._writable():
+                k[:, :, :self.length] = self._k[:, :, :self.length]
+                v[:, :, :self.length] = self._v[:, :, :self.length]
         self._k, self._v = k, v
+
+    def _writable(self):
+        # buffers made under torch.inference_mode (stream_chat's steps) may only be written to under it
+        return torch.inference_mode() if self._k is not None and self._k.is_inference() else nullcontext()
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[2]
         if end > self._k.shape[2]:
-            self._allocate(key_states, max(end, 2 * self._k.shape[2]))
-        self._k[:, :, self.length:end] = key_states
-        self._v[:, :, self.length:end] = value_states
+            self._allocate(key_states, end, 2 * self._k.shape[2])
+        with self._writable():
+            self._k[:, :, self.length:end] = key_states
+            self._v[:, :, self.length:end] = value_states
         self.length = end
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
@@ -71,8 +81,9 @@ class KVLayer(CacheLayerMixin):
     def _select_rows(self, rows):
         if self.is_initialized and self.length:
             n = self.length
-            self._k[:, :, :n] = self._k[:, :, :n].index_select(0, rows)
-            self._v[:, :, :n] = self._v[:, :, :n].index_select(0, rows)
+            with self._writable():
+                self._k[:, :, :n] = self._k[:, :, :n].index_select(0, rows)
+                self._v[:, :, :n] = self._v[:, :, :n].index_select(0, rows)
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
     def reorder_cache(self, beam_idx):

@@ -8,7 +8,7 @@ frequencies, the fixed residual scale, the -10000 mask fill, and the model-built
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -309,6 +309,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    # the loss is a mean over each batch's label tokens (as the original); it ignores num_items_in_batch, so
+    # transformers' Trainer must scale for gradient accumulation and world size itself
+    accepts_loss_kwargs = False
 
     def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
         super().__init__(config)

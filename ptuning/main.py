@@ -40,9 +40,6 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self.save_prefix_only = save_prefix_only
         self.generation_defaults = generation_defaults or {}
-        # The loss is a mean over each micro-batch (as upstream); the model ignores num_items_in_batch, so the
-        # Trainer must scale for gradient accumulation and world size itself.
-        self.model_accepts_loss_kwargs = False
 
     # Seq2SeqTrainer switches evaluation to gather(), which keeps the samples a multi-process run repeats to even
     # out its last batch; gather_for_metrics() drops them, so N test rows give N predictions in any world size.
