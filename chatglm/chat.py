@@ -8,7 +8,6 @@ from typing import List, Optional, Tuple
 import torch
 from transformers import (LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-from transformers.cache_utils import DynamicCache
 
 History = List[Tuple[str, str]]
 
@@ -37,10 +36,10 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
     """NaN/inf scores (an fp16 overflow) -> a harmless distribution instead of a crash in sampling."""
 
     def __call__(self, input_ids, scores):
-        if torch.isnan(scores).any() or torch.isinf(scores).any():
-            scores.zero_()
-            scores[..., 5] = 5e4  # hard-coded by the original (the "▁" piece in the real vocabulary)
-        return scores
+        # any NaN/inf anywhere in the batch resets every row, as the original; torch.where avoids a host sync
+        fallback = torch.zeros_like(scores)
+        fallback[..., 5] = 5e4  # hard-coded by the original (the "▁" piece in the real vocabulary)
+        return torch.where(torch.isfinite(scores).all(), scores, fallback)
 
 
 def _with_invalid_guard(logits_processor) -> LogitsProcessorList:
