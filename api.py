@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from chatglm import build_prompt
+from chatglm.context import ContextTooLongError, fit_history, prompt_length
 from chatglm.options import add_model_args, add_server_args, load_from_args
 from utils import TextDeltas
 
@@ -404,6 +404,9 @@ class RequireAPIKey:
 
 # ---- the app --------------------------------------------------------------------------------------------------
 
+DROPPED_TURNS_HEADER = "X-ChatGLM-Dropped-Turns"
+
+
 def _json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
@@ -437,17 +440,18 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
         return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
-    def count_prompt(query: str, history: list) -> int:
-        return len(tokenizer([build_prompt(query, history)])["input_ids"][0])
+    def fit(query: str, history: list, max_length: int, param: str):
+        """(history the model sees, dropped turn count, prompt tokens): the oldest turns go when the conversation
+        would not leave room for a reply; a question that alone does not fit is a 400."""
+        try:
+            kept, dropped = fit_history(tokenizer, query, history, max_length, context)
+        except ContextTooLongError as e:
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        return kept, dropped, prompt_length(tokenizer, query, kept)
 
-    def check_context(prompt_tokens: int, max_length: int, what: str):
-        if prompt_tokens >= context:
-            raise APIError(400, f"{what} is {prompt_tokens} tokens, which does not fit the model's context of "
-                                f"{context} tokens; shorten it or send less history", code="context_length_exceeded")
-        if prompt_tokens >= max_length:
-            raise APIError(400, f"{what} is {prompt_tokens} tokens, so max_length={max_length} leaves no room for "
-                                f"a reply; raise max_length (at most {context}) or send less history",
-                           param="max_length", code="context_length_exceeded")
+    def dropped_header(dropped: int) -> dict:
+        # the reply says when turns were left out of the prompt (the JSON body keeps upstream's exact shape)
+        return {DROPPED_TURNS_HEADER: str(dropped)} if dropped else {}
 
     @app.get("/health")
     async def health():
@@ -464,18 +468,19 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
         if max_length > context:
             raise APIError(400, f"max_length={max_length} is more than the model's context of {context} tokens",
                            param="max_length")
-        prompt_tokens = count_prompt(body.prompt, history)
-        check_context(prompt_tokens, max_length, "the prompt with its history")
+        kept, dropped, prompt_tokens = fit(body.prompt, history, max_length, "prompt")
         job = worker.submit(Job(
-            next(request_ids), "POST /", body.prompt, history, max_length,
+            next(request_ids), "POST /", body.prompt, kept, max_length,
             DEFAULT_TOP_P if body.top_p is None else body.top_p,
             DEFAULT_TEMPERATURE if body.temperature is None else body.temperature, prompt_tokens))
         try:
             result = await wait_result(job, request)
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody is listening
-        return {"response": result.response, "history": [list(pair) for pair in result.history], "status": 200,
-                "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+        # the caller's whole history comes back, even turns left out of this prompt
+        history_out = [list(pair) for pair in history] + [[body.prompt, result.response]]
+        return JSONResponse({"response": result.response, "history": history_out, "status": 200,
+                             "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}, headers=dropped_header(dropped))
 
     @app.get("/v1/models")
     async def list_models():
@@ -511,9 +516,8 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
     async def chat_completions(request: Request):
         body = await read_body(request, ChatCompletionRequest, require_json_type=True)
         query, history = to_query_and_history(body.messages)
-        prompt_tokens = count_prompt(query, history)
-        check_context(prompt_tokens, context, "the conversation")
         max_new = body.max_completion_tokens or body.max_tokens
+        history, dropped, prompt_tokens = fit(query, history, context, "messages")
         bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
         bad = [k for k in bias if k >= model.config.vocab_size]
         if bad:
@@ -536,10 +540,11 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
                 result = await wait_result(job, request)
             except ClientGone:
                 return JSONResponse({}, status_code=499)
-            return {"id": completion_id, "object": "chat.completion", "created": created, "model": served_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.response},
-                                 "finish_reason": result.finish_reason}],
-                    "usage": usage(result)}
+            return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created,
+                                 "model": served_name,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.response},
+                                              "finish_reason": result.finish_reason}],
+                                 "usage": usage(result)}, headers=dropped_header(dropped))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -571,7 +576,8 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
                 job.cancelled.set()  # the client closed the stream (or the server is stopping): stop generating
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **dropped_header(dropped)})
 
     return app
 

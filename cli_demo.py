@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from chatglm import build_prompt
+from chatglm.context import ContextTooLongError, fit_history
 from chatglm.options import add_model_args, load_from_args
 from utils import TextDeltas
 
@@ -35,18 +35,6 @@ def clear_screen():
         os.system("cls")
     else:
         print("\033[2J\033[H", end="", flush=True)  # clear, cursor home (no `clear` binary or TERM needed)
-
-
-def fit_history(tokenizer, query, history, max_length, reply_room=256):
-    """Drops the oldest turns until the prompt leaves `reply_room` tokens (or half of max_length) for the reply;
-    otherwise a long conversation would outgrow max_length and the model's context."""
-    room = min(reply_room, max_length // 2)
-    history = list(history)
-    dropped = 0
-    while history and len(tokenizer([build_prompt(query, history)])["input_ids"][0]) > max_length - room:
-        history.pop(0)
-        dropped += 1
-    return history, dropped
 
 
 def reply(model, tokenizer, query, history, args):
@@ -109,10 +97,11 @@ def main(argv=None):
             clear_screen()
             greet(model)
             continue
-        history, dropped = fit_history(tokenizer, query, history, args.max_length)
-        n_tokens = len(tokenizer([build_prompt(query, history)])["input_ids"][0])
-        if n_tokens >= args.max_length:
-            print(f"（输入过长 / message too long: {n_tokens} tokens, --max-length is {args.max_length}）")
+        try:
+            history, dropped = fit_history(tokenizer, query, history, args.max_length,
+                                           model.config.max_sequence_length)
+        except ContextTooLongError as e:
+            print(f"（输入过长 / message too long: {e}）")
             continue
         if dropped:
             print(f"（对话过长，已忘记最早的 {dropped} 轮 / dropped the {dropped} oldest turn(s) to fit）")

@@ -31,7 +31,8 @@ def fit_history(tokenizer, query: str, history: History, max_length: int, max_se
     if alone >= limit:
         raise ContextTooLongError(
             f"the message is {alone} tokens long, but the limit for prompt plus reply is {limit} tokens "
-            f"(max_length {max_length}, context {max_sequence_length}); shorten it or raise max_length")
+            f"(max_length {max_length}, context {max_sequence_length}); shorten the message or raise max_length "
+            f"(Maximum length)")
     # drop from the oldest end; binary search is unnecessary at chat lengths, but don't re-encode per turn twice
     for start in range(len(history) + 1):
         kept = history[start:]

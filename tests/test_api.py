@@ -122,6 +122,26 @@ def test_post_root_answers_upstreams_curl_request(server, ref):
     assert abs((datetime.now() - stamp).total_seconds()) < 60
 
 
+def test_long_history_drops_the_oldest_turns_and_says_so(server, ref):
+    from chatglm.context import fit_history
+    tokenizer = ref[0]
+    history = [[f"问题{i} " * 8, f"回答{i} " * 8] for i in range(12)]
+    kept, dropped = fit_history(tokenizer, "hello", history, 200, 2048)
+    assert 0 < dropped < len(history)
+    r = httpx.post(server.url, json={"prompt": "hello", "history": history, "max_length": 200, "temperature": 0},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-ChatGLM-Dropped-Turns"] == str(dropped)
+    assert r.json()["response"] == greedy(ref, "hello", kept, max_length=200)
+    assert r.json()["history"] == history + [["hello", r.json()["response"]]]  # nothing the caller sent is lost
+    messages = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    messages = messages * 8 + [{"role": "user", "content": "hello"}]  # far beyond the 2048-token context
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 4},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["X-ChatGLM-Dropped-Turns"]) > 0 and r.json()["usage"]["prompt_tokens"] < 2048
+
+
 def test_post_root_continues_the_history_it_is_given(server, ref):
     history = [["你好", "Here. name"]]
     r = httpx.post(server.url, json={"prompt": "hello", "history": history, "max_length": 60, "top_p": 0.7,
@@ -158,8 +178,8 @@ BAD_REQUESTS = [
     ("/", {"prompt": "hi", "max_length": 0}, 400, "max_length"),
     ("/", {"prompt": "hi", "max_length": 2049}, 400, "context of 2048"),
     ("/", {"prompt": "hi", "max_length": 2.5}, 400, "max_length"),
-    ("/", {"prompt": LONG_PROMPT}, 400, "context of 2048"),
-    ("/", {"prompt": "hello world", "max_length": 4}, 400, "no room for a reply"),
+    ("/", {"prompt": LONG_PROMPT}, 400, "limit for prompt plus reply is 2048 tokens"),
+    ("/", {"prompt": "hello world", "max_length": 4}, 400, "limit for prompt plus reply is 4 tokens"),
     ("/v1/chat/completions", {"model": "m", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "m"}, 400, "messages"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
@@ -179,7 +199,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
                               "tools": [{"type": "function"}]}, 400, "not supported"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
-     "context of 2048"),
+     "limit for prompt plus reply is 2048 tokens"),
 ]
 
 

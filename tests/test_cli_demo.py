@@ -109,7 +109,7 @@ def test_ctrl_d_at_the_prompt_exits_cleanly(demo_model_path):
 
 
 def test_long_conversations_drop_the_oldest_turns(ref):
-    from cli_demo import fit_history
+    from chatglm.context import fit_history
     tokenizer = ref[0]
     history = [(f"question {i} " * 10, f"answer {i} " * 10) for i in range(12)]
 
@@ -117,9 +117,9 @@ def test_long_conversations_drop_the_oldest_turns(ref):
         return len(tokenizer([build_prompt("hi", h)])["input_ids"][0])
 
     assert n_tokens(history) > 400
-    kept, dropped = fit_history(tokenizer, "hi", history, max_length=400)
+    kept, dropped = fit_history(tokenizer, "hi", history, max_length=400, max_sequence_length=2048)
     assert dropped > 0 and kept == history[dropped:]  # the newest turns survive, in order
-    assert n_tokens(kept) <= 400 - 200 < n_tokens(history[dropped - 1:])  # room for the reply; no more dropped
+    assert n_tokens(kept) <= 400 - 100 < n_tokens(history[dropped - 1:])  # room for the reply; no more dropped
 
 
 @pytest.mark.parametrize("raw", ["你好,世界!ok: yes;好?", "今年是[[训练时间]],对吗?", "a[[b]] [[训练", "x😀y"])

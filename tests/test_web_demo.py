@@ -1,0 +1,418 @@
+"""web_demo.py and web_demo_old.py as a user meets them: each script runs as a real server on a loopback port with
+the demo checkpoint, and headless Chromium (Debian's, driven by Playwright) types, sends, stops and clears.
+
+Replies are compared with the same model run in this process with Temperature 0 (greedy), so a streamed reply
+that went to the wrong tab, lost its history or was cut short shows up as different words.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import web_common
+from chatglm import build_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SCRIPTS = ["web_demo.py", "web_demo_old.py"]
+
+# On the demo checkpoint these two have greedy replies of a few tokens (so second-turn prompts stay far below the
+# point where chatglm.context.fit_history drops turns) and LONG_Q's runs to the length limit (seconds of streaming).
+SHORT_Q1, SHORT_Q2 = "Tell me a joke", "What is AI?"
+LONG_Q = "hello"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering, no browser needed
+
+def test_model_html_is_shown_as_text_not_markup():
+    out = web_common.to_safe_markdown('<img src=x onerror="alert(1)"> & <script>x()</script> **bold**')
+    assert "<" not in out
+    assert out == '&lt;img src=x onerror="alert(1)"> &amp; &lt;script>x()&lt;/script> **bold**'
+
+
+def test_code_keeps_its_text_and_an_open_fence_is_closed():
+    text = "see `a<b>` and\n```html\n<div>&amp;</div>\n```\n<i>after</i>\n~~~\nstill <code>"
+    out = web_common.to_safe_markdown(text)
+    assert out == ("see `a<b>` and\n```html\n<div>&amp;</div>\n```\n&lt;i>after&lt;/i>\n~~~\nstill <code>"
+                   "\n~~~")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures: the model (for expected replies), a server per script, one browser
+
+def words(text: str) -> str:
+    """What survives Markdown rendering: letters, digits and CJK, in order (the demo model writes '-', '>' ...)."""
+    return " ".join(re.sub(r"[^0-9A-Za-z\u4e00-\u9fff]+", " ", text).split())
+
+
+# One torch thread, here and in the servers: the same thread count keeps greedy replies identical in both, and
+# on a busy 2-core machine a tiny model runs many times faster on one thread than on two that fight for cores.
+THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def model(demo_model_path):
+    import torch
+    from chatglm import load_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    tokenizer, model = load_model(demo_model_path)
+    yield tokenizer, model
+    torch.set_num_threads(threads)
+
+
+def greedy(model, query, history=(), max_length=2048):
+    tokenizer, m = model
+    return m.chat(tokenizer, query, history=list(history), do_sample=False, max_length=max_length)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, script: str, demo_model_path: str, log_dir: Path):
+        self.script, self.port = script, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log_dir / f"{script}.log"
+        env = {k: v for k, v in os.environ.items() if k != "CHATGLM_MODEL"}  # no --model-path: the demo checkpoint
+        env.update(GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS=str(THREADS))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port)], cwd=ROOT, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"{script} did not start serving {self.url}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module", params=SCRIPTS)
+def server(request, demo_model_path, tmp_path_factory):  # demo_model_path: built before the script looks for it
+    srv = Server(request.param, demo_model_path, tmp_path_factory.mktemp("web"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: .ci/run must apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class ChatPage:
+    """The few things a user does on either page, and what they see there."""
+
+    def __init__(self, page, server):
+        self.page, self.old = page, server.script == "web_demo_old.py"
+        page.goto(server.url)
+        page.wait_for_selector("#query textarea")
+        self.box = page.locator("#query textarea")
+
+    def set_slider(self, elem_id, value):
+        number = self.page.locator(f"#{elem_id} input[type=number]")
+        number.fill(str(value))
+        number.press("Enter")
+        assert float(self.page.locator(f"#{elem_id} input[type=range]").input_value()) == value
+
+    def greedy_settings(self, max_length):
+        self.set_slider("temperature", 0)
+        self.set_slider("max-length", max_length)
+
+    def send(self, text, with_button=False):
+        self.box.fill(text)
+        if with_button:
+            self.page.click("#generate" if self.old else "#submit")
+        else:
+            self.box.press("Enter")
+
+    # what is on screen: (queries, replies) in order
+    JS_TURNS = """old => {
+        if (!old) {
+            const all = s => [...document.querySelectorAll('#chatbot ' + s)].map(e => e.innerText);
+            return [all('[data-testid="user"]'), all('[data-testid="bot"]')];
+        }
+        const text = document.querySelector('#transcript').innerText;
+        const queries = [], replies = [];
+        for (const turn of text.split('用户：').slice(1)) {
+            const [q, r] = turn.split('ChatGLM-6B：');
+            queries.push(q); if (r !== undefined && r.trim()) replies.push(r);
+        }
+        return [queries, replies];
+    }"""
+
+    def turns(self):
+        queries, replies = self.page.evaluate(self.JS_TURNS, self.old)
+        return [words(q) for q in queries], [words(r) for r in replies]
+
+    def last_reply(self):
+        return (self.turns()[1] or [""])[-1]
+
+    def wait_reply(self, expected, timeout=60):
+        """Until the last reply reads `expected` (compared as words); fails with what is shown instead."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.last_reply() == words(expected):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"reply never became {expected!r}; page shows {self.turns()}, text box holds "
+                    f"{self.box.input_value()!r}")
+
+    def wait_still(self, seconds=1.0, timeout=10):
+        """The last reply once it has not changed for `seconds`; fails if it keeps changing for `timeout`."""
+        deadline, shown, since = time.time() + timeout, self.last_reply(), time.time()
+        while time.time() - since < seconds:
+            assert time.time() < deadline, f"reply still growing after {timeout} s: {self.turns()}"
+            time.sleep(0.05)
+            if self.last_reply() != shown:
+                shown, since = self.last_reply(), time.time()
+        return shown
+
+    def record_reply_updates(self):
+        """From now on, remember every distinct text the last reply shows (sampled every 5 ms in the page)."""
+        self.page.evaluate("""([js, old]) => { const turns = eval(js); window.__seen = [];
+            setInterval(() => { const r = turns(old)[1]; const t = r.length ? r[r.length - 1] : '';
+                                if (t !== window.__seen[window.__seen.length - 1]) window.__seen.push(t); }, 5); }""",
+                           [self.JS_TURNS, self.old])
+
+    def seen_updates(self):
+        return [words(t) for t in self.page.evaluate("window.__seen") if t.strip()]
+
+
+@pytest.fixture
+def chat_page(server, browser):
+    """Opens the page under test in a new tab (all tabs of one test share a browser context)."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    yield lambda: ChatPage(context.new_page(), server)
+    context.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_take_the_shared_options(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for option in ("--model-path", "--quantize {4,8}", "--device", "--dtype", "--ptuning-checkpoint", "--pre-seq-len",
+                   "--host", "--port", "--share"):
+        assert option in out.stdout
+    assert "default 127.0.0.1" in out.stdout and "default 7860" in out.stdout
+
+
+def test_a_model_path_that_does_not_load_is_reported_plainly(tmp_path):
+    out = subprocess.run([sys.executable, "web_demo.py", "--model-path", str(tmp_path / "missing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert str(tmp_path / "missing") in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pages
+
+def test_page_shows_demo_notice_and_upstream_sliders(server, chat_page):
+    page = chat_page().page
+    notice = page.locator("#demo-notice")
+    assert notice.is_visible()
+    assert "--model-path" in notice.inner_text() and "not ChatGLM-6B" in notice.inner_text()
+    for elem_id, (lo, hi, default, step) in {"max-length": (0, 4096, 2048, 1), "top-p": (0, 1, 0.7, 0.01),
+                                              "temperature": (0, 1, 0.95, 0.01)}.items():
+        slider = page.locator(f"#{elem_id} input[type=range]")
+        assert [float(slider.get_attribute(a)) for a in ("min", "max", "step")] == [lo, hi, step]
+        assert float(slider.input_value()) == default
+
+
+def test_server_listens_on_loopback_only(server):
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == server.port]
+    assert listening == [f"0100007F:{server.port:04X}"]
+
+
+def test_reply_streams_in_many_updates_and_matches_the_model(server, chat_page, model):
+    chat = chat_page()
+    chat.greedy_settings(max_length=300)
+    expected = greedy(model, LONG_Q, max_length=300)
+    chat.record_reply_updates()
+    chat.send(LONG_Q)
+    chat.wait_reply(expected)
+    updates = chat.seen_updates()
+    # a busy browser may paint several tokens at once, but a streamed reply shows at least two partial texts
+    assert len(updates) >= 3 and len(updates[0]) < len(updates[-1]) / 2, f"reply not streamed: {updates}"
+    assert all(words(expected).startswith(u) for u in updates[:-1])  # each update extends the reply
+    assert chat.box.input_value() == ""  # the box is cleared for the next message
+    if server.script == "web_demo.py":
+        ARTIFACTS.mkdir(exist_ok=True)
+        chat.page.screenshot(path=str(ARTIFACTS / "web_demo.png"))
+
+
+def test_second_turn_uses_history_and_clear_forgets_it(server, chat_page, model):
+    r1 = greedy(model, SHORT_Q1, max_length=300)
+    r2 = greedy(model, SHORT_Q2, [(SHORT_Q1, r1)], max_length=300)
+    r2_fresh = greedy(model, SHORT_Q2, max_length=2048)
+    assert words(r2) != words(r2_fresh), "demo model gives the same reply with and without history"
+    chat = chat_page()
+    chat.greedy_settings(max_length=300)
+    chat.send(SHORT_Q1)
+    chat.wait_reply(r1)
+    chat.send(SHORT_Q2, with_button=True)
+    chat.wait_reply(r2)
+    assert chat.turns() == ([words(SHORT_Q1), words(SHORT_Q2)], [words(r1), words(r2)])
+    if server.script == "web_demo_old.py":
+        ARTIFACTS.mkdir(exist_ok=True)
+        chat.page.screenshot(path=str(ARTIFACTS / "web_demo_old.png"))
+    # Clear in the middle of a long reply: the reply stops and nothing of the conversation comes back
+    chat.set_slider("max-length", 2048)
+    chat.send(LONG_Q)
+    chat.page.wait_for_function("([js, old]) => eval(js)(old)[1].length == 3", arg=[ChatPage.JS_TURNS, chat.old])
+    chat.page.click("#clear")
+    chat.page.wait_for_function("old => !(old ? document.querySelector('#transcript').innerText.trim() : "
+                                "document.querySelector('#chatbot [data-testid=\"user\"]'))", arg=chat.old)
+    chat.send(SHORT_Q2)
+    chat.wait_reply(r2_fresh)
+    assert chat.turns() == ([words(SHORT_Q2)], [words(r2_fresh)])
+
+
+def test_stop_ends_generation_at_once_and_keeps_the_partial_reply(server, chat_page, model):
+    tokenizer, m = model
+    chat = chat_page()
+    chat.set_slider("temperature", 0)
+    cpu, start = server.cpu_seconds(), time.time()
+    chat.send(LONG_Q)  # its greedy reply runs to Maximum length 2048: a few seconds of streaming
+    chat.page.wait_for_function("([js, old]) => eval(js)(old)[1].length", arg=[ChatPage.JS_TURNS, chat.old],
+                                polling="raf")
+    chat.page.click("#stop")
+    busy = (server.cpu_seconds() - cpu) / (time.time() - start)
+    shown = chat.wait_still()  # a busy browser may still be painting updates that left the server before Stop
+    idle = server.cpu_seconds()
+    time.sleep(1.0)
+    idle = server.cpu_seconds() - idle
+    assert chat.last_reply() == shown, "reply grew again after Stop"
+    assert busy > 0.1 and idle < min(0.15, busy / 3), f"server CPU {busy:.2f} s/s generating, {idle:.2f} after Stop"
+
+    # what is shown is a prefix of the model's own reply, and far from its end
+    prefixes = []
+    for reply, _ in m.stream_chat(tokenizer, LONG_Q, do_sample=False, max_length=2048):
+        prefixes.append(reply)
+        if len(words(reply)) > len(shown) + 200:
+            break
+    else:
+        pytest.fail(f"the model's whole reply is {len(words(reply))} characters, Stop came after {len(shown)}")
+    matches = [i for i, p in enumerate(prefixes) if words(p) == shown]
+    assert matches, f"shown reply {shown!r} is not a prefix of the model's reply"
+
+    # the stopped reply stays in the history (the server may hold one token more than it managed to show);
+    # Maximum length is set so the whole history fits in the prompt (chatglm.context.fit_history) with a short reply
+    held = [prefixes[i] for i in matches + [matches[-1] + 1]]
+    prompt_len = len(tokenizer.encode(build_prompt(SHORT_Q2, [(LONG_Q, held[-1])])))
+    max_length = prompt_len * 4 // 3 + 4
+    chat.set_slider("max-length", max_length)
+    candidates = {words(greedy(model, SHORT_Q2, [(LONG_Q, p)], max_length=max_length)) for p in held}
+    chat.send(SHORT_Q2)
+    deadline = time.time() + 60
+    while chat.last_reply() not in candidates and time.time() < deadline:
+        time.sleep(0.05)
+    assert chat.last_reply() in candidates, f"second turn {chat.turns()} did not follow the stopped reply"
+
+
+def test_message_sent_during_a_reply_goes_after_it_and_old_turns_make_room(server, chat_page, model):
+    r_long = greedy(model, LONG_Q, max_length=300)
+    r_next = greedy(model, SHORT_Q2, max_length=300)  # LONG_Q's turn no longer fits beside it in 300 tokens
+    chat = chat_page()
+    chat.greedy_settings(max_length=300)
+    chat.send(LONG_Q)
+    chat.page.wait_for_function("([js, old]) => eval(js)(old)[1].length", arg=[ChatPage.JS_TURNS, chat.old])
+    chat.send(SHORT_Q2)  # while the reply is still streaming
+    chat.page.get_by_text("The oldest 1 turn(s) are left out of the prompt").wait_for(timeout=30_000)
+    chat.wait_reply(r_next)
+    assert chat.turns() == ([words(LONG_Q), words(SHORT_Q2)], [words(r_long), words(r_next)])
+
+
+def test_two_tabs_chat_at_once_without_mixing(server, chat_page, model):
+    r_a = greedy(model, SHORT_Q1, max_length=2048)
+    r_b = greedy(model, SHORT_Q2, [(SHORT_Q1, r_a)], max_length=2048)
+    tab1, tab2 = chat_page(), chat_page()
+    for tab in (tab1, tab2):
+        tab.set_slider("temperature", 0)
+    tab1.send(LONG_Q)  # seconds of streaming
+    tab1.page.wait_for_function("([js, old]) => eval(js)(old)[1].length > 0", arg=[ChatPage.JS_TURNS, tab1.old])
+    tab2.send(SHORT_Q1)
+    tab2.page.get_by_text("Waiting for 1 other chat(s) to finish first.").wait_for(timeout=10_000)
+    assert tab2.turns() == ([words(SHORT_Q1)], [])
+    tab1.page.click("#stop")  # tab 2's turn comes
+    tab2.wait_reply(r_a)
+    tab2.send(SHORT_Q2)
+    tab2.wait_reply(r_b)
+    assert tab2.turns() == ([words(SHORT_Q1), words(SHORT_Q2)], [words(r_a), words(r_b)])
+    shown = tab1.turns()  # its own stopped reply: a prefix of what the model says to LONG_Q
+    assert shown[0] == [words(LONG_Q)] and len(shown[1]) == 1 and shown[1][0]
+    assert words(greedy(model, LONG_Q, max_length=2048)).startswith(shown[1][0]), f"tab 1 shows {shown}"
+
+
+def test_html_in_messages_is_displayed_not_run(server, chat_page):
+    chat = chat_page()
+    chat.set_slider("max-length", 64)
+    chat.send('<img src=x onerror="window.pwned=1"> <b>hi</b> **bold** `<i>`')
+    area = chat.page.locator("#transcript" if chat.old else "#chatbot")
+    area.get_by_text('<img src=x onerror="window.pwned=1"> <b>hi</b>').wait_for(timeout=10_000)
+    assert area.locator("strong", has_text="bold").count() == 1  # Markdown still renders
+    assert area.locator("code", has_text="<i>").count() == 1
+    assert area.locator("img, b").count() == 0
+    assert chat.page.evaluate("window.pwned") is None
+
+
+def test_empty_or_too_long_input_sends_nothing_and_keeps_the_text(server, chat_page):
+    chat = chat_page()
+    for text in ("", "   "):
+        chat.send(text)
+    chat.set_slider("max-length", 5)
+    chat.send("a message longer than five tokens")
+    chat.page.get_by_text("shorten the message or raise max_length").wait_for(timeout=10_000)
+    assert chat.box.input_value() == "a message longer than five tokens"
+    time.sleep(0.5)
+    assert chat.turns() == ([], [])
+
+
+def test_maximum_length_beyond_the_model_context_is_capped(server, chat_page, model):
+    expected = greedy(model, SHORT_Q1, max_length=model[1].config.max_sequence_length)
+    chat = chat_page()
+    chat.greedy_settings(max_length=4096)
+    chat.send(SHORT_Q1)
+    chat.page.get_by_text("Maximum length 4096 is beyond this model's context; using 2048.").wait_for(timeout=10_000)
+    chat.wait_reply(expected)

@@ -1,0 +1,58 @@
+"""ChatGLM-6B in the browser: a chat page that streams each reply as it is generated.
+
+    python web_demo.py [--model-path DIR] [--quantize 4|8] [--port 7860] [--host 127.0.0.1] [--share]
+
+then open the printed address. Enter sends, Shift+Enter starts a new line.
+"""
+import gradio as gr
+
+import web_common as web
+
+
+def messages(history):
+    """Chatbot messages for the raw (query, reply) pairs, escaped so that only Markdown renders."""
+    out = []
+    for query, reply in history:
+        out.append({"role": "user", "content": web.to_safe_markdown(query)})
+        if reply:
+            out.append({"role": "assistant", "content": web.to_safe_markdown(reply)})
+    return out
+
+
+def build_demo(tokenizer, model) -> gr.Blocks:
+    with gr.Blocks(title="ChatGLM", analytics_enabled=False) as demo:
+        gr.HTML('<h1 align="center">ChatGLM</h1>')
+        web.add_notice(model)
+        chatbot = gr.Chatbot(show_label=False, elem_id="chatbot", height=480, allow_tags=False,
+                             feedback_options=None, buttons=["copy"])
+        conversation = gr.State(web.Conversation())  # one per tab
+        with gr.Row():
+            with gr.Column(scale=4):
+                query = gr.Textbox(show_label=False, placeholder="Input... (Enter sends, Shift+Enter: new line)",
+                                   lines=1, max_lines=10, container=False, elem_id="query")
+                with gr.Row():
+                    submit = gr.Button("Submit", variant="primary", elem_id="submit")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=1):
+                clear = gr.Button("Clear History", elem_id="clear")
+                max_length, top_p, temperature = web.add_sliders()
+
+        chat = gr.on([submit.click, query.submit], web.turn_handler(model, tokenizer, render=messages),
+                     inputs=[query, conversation, max_length, top_p, temperature], outputs=[query, chatbot],
+                     concurrency_limit=None,  # web.MODEL_QUEUE, not Gradio, lines the turns up
+                     trigger_mode="always_last")  # a message sent during a reply goes once the reply ends
+        stop.click(None, cancels=[chat])
+        for clicked in (clear.click, chatbot.clear):  # Clear History, and the chatbot's own trash-can button
+            clicked(web.clear_handler(render=messages), inputs=[conversation], outputs=[chatbot], cancels=[chat],
+                    concurrency_limit=None)
+    return demo
+
+
+def main(argv=None):
+    args = web.parse_args(__doc__.splitlines()[0], argv)
+    tokenizer, model = web.load(args)
+    web.launch(build_demo(tokenizer, model), args)
+
+
+if __name__ == "__main__":
+    main()
