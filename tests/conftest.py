@@ -1,5 +1,10 @@
 import json
+import os
 import sys
+
+# One thread per process: the tests run servers and the test process side by side on small CI machines, where
+# oversubscribed threads made a tiny model's replies 10x slower. Set before torch is imported; subprocesses inherit.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import numpy as np
