@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history, prompt_length
 from chatglm.options import add_model_args, add_server_args, load_from_args
 from utils import TextDeltas
@@ -58,14 +59,32 @@ def error_body(message: str, status: int, param=None, code=None) -> dict:
 # ---- request bodies -------------------------------------------------------------------------------------------
 # strict: a string where a number belongs (or 1 where a bool belongs) is an error, not silently converted.
 
+def _stop_list(v, most=None):
+    v = [v] if isinstance(v, str) else (v or [])
+    if any(not s for s in v):
+        raise ValueError("stop strings must not be empty")
+    if most is not None and len(v) > most:
+        raise ValueError(f"stop takes at most {most} strings")
+    return v
+
+
 class UpstreamRequest(BaseModel):
-    """Body of POST / (upstream api.py). Unknown fields are ignored, as upstream did."""
+    """Body of POST / (upstream api.py, plus repetition_penalty, top_k and stop). Unknown fields are ignored, as
+    upstream did."""
     model_config = ConfigDict(strict=True)
     prompt: str
     history: Optional[List[List[str]]] = None
     max_length: Optional[int] = Field(None, ge=1)
     top_p: Optional[float] = Field(None, ge=0, le=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
+    repetition_penalty: Optional[float] = None  # ranges: chatglm.chat.check_generation_args
+    top_k: Optional[int] = None
+    stop: Union[str, List[str], None] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v):
+        return _stop_list(v)
 
     @field_validator("prompt")
     @classmethod
@@ -116,6 +135,11 @@ class ChatCompletionRequest(BaseModel):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    # extensions, as vLLM's server takes them (top_k -1 = no limit, as there)
+    repetition_penalty: Optional[float] = None
+    top_k: Optional[int] = None
     n: Optional[int] = 1
     seed: Optional[int] = None
     logit_bias: Optional[Dict[str, Union[int, float]]] = None
@@ -123,11 +147,8 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, v):
-        v = [v] if isinstance(v, str) else (v or [])
-        if len(v) > 4 or any(not s for s in v):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return v
+    def _stop_strings(cls, v):
+        return _stop_list(v, most=4)
 
     @field_validator("n")
     @classmethod
@@ -201,6 +222,8 @@ class Job:
     stop: List[str] = field(default_factory=list)
     seed: Optional[int] = None
     logit_bias: Optional[Dict[int, float]] = None
+    penalties: Optional[Dict[str, float]] = None  # OpenAI's frequency_penalty / presence_penalty
+    options: dict = field(default_factory=dict)  # more stream_chat arguments: repetition_penalty, top_k, stop
     # set by submit()
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
@@ -232,6 +255,20 @@ class LogitBias(LogitsProcessor):
     def __call__(self, input_ids, scores):
         scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
         return scores
+
+
+class FrequencyPresencePenalty(LogitsProcessor):
+    """OpenAI's frequency_penalty and presence_penalty on the raw scores: a token generated c times so far in this
+    reply loses c * frequency_penalty + (c > 0) * presence_penalty (the prompt does not count, as in OpenAI's
+    definition and vLLM's implementation)."""
+
+    def __init__(self, prompt_tokens: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
+        self.start, self.frequency, self.presence = prompt_tokens, frequency_penalty, presence_penalty
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.start:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class SeenIds(StoppingCriteria):
@@ -307,14 +344,18 @@ class ModelWorker:
 
     def _generate(self, job: Job) -> Result:
         seen = SeenIds()
-        processors = LogitsProcessorList([LogitBias(job.logit_bias)]) if job.logit_bias else None
+        processors = LogitsProcessorList()
+        if job.penalties:
+            processors.append(FrequencyPresencePenalty(job.prompt_tokens, **job.penalties))
+        if job.logit_bias:
+            processors.append(LogitBias(job.logit_bias))
         if job.seed is not None:
             torch.manual_seed(job.seed)  # reproducible: only this thread samples
         deltas, finish, response = TextDeltas(), None, ""
         start = time.perf_counter()
         gen = self.model.stream_chat(self.tokenizer, job.query, job.history, max_length=job.max_length,
                                      top_p=job.top_p, temperature=job.temperature, logits_processor=processors,
-                                     stopping_criteria=StoppingCriteriaList([seen]))
+                                     stopping_criteria=StoppingCriteriaList([seen]), **job.options)
         try:
             for response, _ in gen:
                 if job.cancelled.is_set():
@@ -449,6 +490,16 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         return kept, dropped, prompt_length(tokenizer, query, kept)
 
+    def checked_options(**fields) -> dict:
+        """The extra generation fields that were given, each checked by the library's own rules (400 naming it)."""
+        given = {name: value for name, value in fields.items() if value is not None}
+        for name, value in given.items():
+            try:
+                check_generation_args(model.config, **{name: value})
+            except ValueError as e:
+                raise APIError(400, str(e), param=name) from None
+        return given
+
     def dropped_header(dropped: int) -> dict:
         # the reply says when turns were left out of the prompt (the JSON body keeps upstream's exact shape)
         return {DROPPED_TURNS_HEADER: str(dropped)} if dropped else {}
@@ -461,8 +512,13 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
     @app.post("/")
     async def upstream_chat(request: Request):
         """Upstream's API: {"prompt", "history", "max_length", "top_p", "temperature"} -> {"response", "history",
-        "status": 200, "time"}. Explicit values are used as given (upstream replaced 0 by the default)."""
+        "status": 200, "time"}. Explicit values are used as given (upstream replaced 0 by the default). Optional
+        "repetition_penalty", "top_k" and "stop" go to stream_chat as they are (the reply is model.chat's)."""
         body = await read_body(request, UpstreamRequest, require_json_type=False)
+        options = checked_options(top_p=body.top_p, repetition_penalty=body.repetition_penalty, top_k=body.top_k)
+        options.pop("top_p", None)
+        if body.stop:
+            options["stop"] = body.stop
         history = [tuple(pair) for pair in body.history or []]
         max_length = body.max_length if body.max_length is not None else min(DEFAULT_MAX_LENGTH, context)
         if max_length > context:
@@ -472,7 +528,7 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
         job = worker.submit(Job(
             next(request_ids), "POST /", body.prompt, kept, max_length,
             DEFAULT_TOP_P if body.top_p is None else body.top_p,
-            DEFAULT_TEMPERATURE if body.temperature is None else body.temperature, prompt_tokens))
+            DEFAULT_TEMPERATURE if body.temperature is None else body.temperature, prompt_tokens, options=options))
         try:
             result = await wait_result(job, request)
         except ClientGone:
@@ -515,6 +571,14 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request, ChatCompletionRequest, require_json_type=True)
+        if body.top_k is not None and body.top_k < -1:
+            raise APIError(400, f"top_k must be an integer >= 0 (0 or -1 = no limit), got {body.top_k}",
+                           param="top_k")
+        options = checked_options(top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                                  top_k=0 if body.top_k == -1 else body.top_k)
+        options.pop("top_p", None)
+        penalties = {name: value for name, value in (("frequency_penalty", body.frequency_penalty),
+                                                     ("presence_penalty", body.presence_penalty)) if value}
         query, history = to_query_and_history(body.messages)
         max_new = body.max_completion_tokens or body.max_tokens
         history, dropped, prompt_tokens = fit(query, history, context, "messages")
@@ -528,7 +592,8 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
             min(context, prompt_tokens + max_new) if max_new else context,
             DEFAULT_TOP_P if body.top_p is None else body.top_p,
             DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-            prompt_tokens, stream=bool(body.stream), stop=body.stop or [], seed=body.seed, logit_bias=bias or None))
+            prompt_tokens, stream=bool(body.stream), stop=body.stop or [], seed=body.seed, logit_bias=bias or None,
+            penalties=penalties or None, options=options))
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage(r: Result) -> dict:

@@ -1,6 +1,7 @@
 """Chat with ChatGLM-6B in the terminal; replies stream in as they are generated.
 
-    python cli_demo.py [--model-path DIR] [--quantize 4|8] [--temperature 0.95] ...
+    python cli_demo.py [--model-path DIR] [--quantize 4|8] [--temperature 0.95] [--repetition-penalty 1.1]
+                       [--top-k 50] [--stop TEXT ...] ...
 
 `clear` forgets the conversation and clears the screen, `stop` exits. Ctrl-C during a reply stops that reply (what
 was shown stays in the conversation); Ctrl-C or Ctrl-D at the prompt exits.
@@ -10,7 +11,8 @@ import os
 import sys
 
 from chatglm.context import ContextTooLongError, fit_history
-from chatglm.options import add_model_args, load_from_args
+from chatglm.options import add_generation_args, add_model_args, check_generation_options, generation_kwargs, \
+    load_from_args
 from utils import TextDeltas
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
@@ -41,8 +43,7 @@ def reply(model, tokenizer, query, history, args):
     """Streams one answer to stdout and returns the new history. Ctrl-C stops generation and keeps what was shown."""
     print(BOT_LABEL, end="", flush=True)
     deltas, response, new_history = TextDeltas(), "", None
-    gen = model.stream_chat(tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
-                            temperature=args.temperature)
+    gen = model.stream_chat(tokenizer, query, history, **generation_kwargs(args))
     try:
         for response, new_history in gen:
             print(deltas.step(response), end="", flush=True)
@@ -57,12 +58,9 @@ def reply(model, tokenizer, query, history, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Chat with ChatGLM-6B in the terminal.")
     add_model_args(parser)
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most (default 2048)")
-    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold (default 0.7)")
-    g.add_argument("--temperature", type=float, default=0.95,
-                   help="sampling temperature; 0 = always the most likely token (default 0.95)")
+    add_generation_args(parser)
     args = parser.parse_args(argv)
+    check_generation_options(parser, args)  # a bad value is reported now, not after the model has loaded
     for stream in (sys.stdin, sys.stdout):  # a mis-set locale must not crash on Chinese or emoji
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")

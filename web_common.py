@@ -1,5 +1,5 @@
-"""What web_demo.py and web_demo_old.py share: options, the demo-model notice, the sliders, safe rendering of chat
-text and one queued, stoppable chat turn.
+"""What web_demo.py and web_demo_old.py share: options, the demo-model notice, the generation controls, safe
+rendering of chat text and one queued, stoppable chat turn.
 
 Both pages keep the raw (query, reply) pairs in a gr.State (Conversation) and only ever show escaped copies, so model output can
 never inject HTML into the page while Markdown (emphasis, lists, code blocks) still renders.
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history
 from chatglm.loading import ModelLoadError
 from chatglm.options import add_model_args, add_server_args, load_from_args
@@ -20,6 +21,9 @@ from chatglm.options import add_model_args, add_server_args, load_from_args
 MAX_LENGTH = dict(minimum=0, maximum=4096, value=2048, step=1)
 TOP_P = dict(minimum=0, maximum=1, value=0.7, step=0.01)
 TEMPERATURE = dict(minimum=0, maximum=1, value=0.95, step=0.01)
+# added controls; their defaults are what generation does when they are not given (no penalty, top_k 50, no stop)
+REPETITION_PENALTY = dict(minimum=1, maximum=2, value=1.0, step=0.01)
+TOP_K = dict(minimum=0, maximum=200, value=50, step=1)
 DEFAULT_PORT = 7860
 
 # a local font stack: the default theme fetches Google Fonts, which offline machines can't reach
@@ -70,6 +74,23 @@ def add_sliders():
     return (gr.Slider(label="Maximum length", interactive=True, elem_id="max-length", **MAX_LENGTH),
             gr.Slider(label="Top P", interactive=True, elem_id="top-p", **TOP_P),
             gr.Slider(label="Temperature", interactive=True, elem_id="temperature", **TEMPERATURE))
+
+
+def add_more_controls():
+    """The controls added to upstream's: Repetition penalty, Top K and Stop strings (shown below the sliders)."""
+    return (gr.Slider(label="Repetition penalty", info="1 = off; above 1, words already said become less likely",
+                      interactive=True, elem_id="repetition-penalty", **REPETITION_PENALTY),
+            gr.Slider(label="Top K", info="sample among the K most likely tokens; 0 = no limit", interactive=True,
+                      elem_id="top-k", **TOP_K),
+            gr.Textbox(label="Stop strings", info="the reply ends before the first of these; one per line, or "
+                       "comma-separated", lines=2, max_lines=6, placeholder="(none)", elem_id="stop-strings"))
+
+
+def parse_stop(text) -> list:
+    """The Stop strings box as a list: one per line; a line without others splits at commas. Blanks are dropped."""
+    lines = (text or "").splitlines()
+    parts = lines if len([line for line in lines if line.strip()]) > 1 else ",".join(lines).split(",")
+    return [part.strip() for part in parts if part.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,8 +174,10 @@ class Waiting(int):
     """Yielded by stream_reply instead of text while other chats hold the model: the number of turns ahead."""
 
 
-def stream_reply(model, tokenizer, query: str, history: list, max_length, top_p, temperature, queue=MODEL_QUEUE):
+def stream_reply(model, tokenizer, query: str, history: list, max_length, top_p, temperature, queue=MODEL_QUEUE,
+                 **options):
     """Yields Waiting(n) while n turns are ahead (telling the user once), then the reply so far after every token.
+    `options`: more keyword arguments of stream_chat (repetition_penalty, top_k, stop).
 
     Closing this generator (Stop, Clear, a closed tab) leaves the queue and closes model.stream_chat, which ends
     generation at once. Temperature 0 means greedy decoding (stream_chat handles it)."""
@@ -168,7 +191,7 @@ def stream_reply(model, tokenizer, query: str, history: list, max_length, top_p,
                 told = True
             yield Waiting(ahead)
         steps = model.stream_chat(tokenizer, query, history, max_length=int(max_length), top_p=float(top_p),
-                                  temperature=float(temperature))
+                                  temperature=float(temperature), **options)
         try:
             for response, _ in steps:
                 yield response
@@ -180,6 +203,17 @@ def stream_reply(model, tokenizer, query: str, history: list, max_length, top_p,
 
 class Refused(Exception):
     """A message that gets a warning instead of a reply (str: the warning, empty for an empty message)."""
+
+
+def generation_options(top_p, temperature, repetition_penalty, top_k, stop) -> dict:
+    """stream_chat's keyword arguments for the added controls; Refused names a value generation can't use."""
+    options = dict(repetition_penalty=float(repetition_penalty), top_k=int(top_k), stop=parse_stop(stop))
+    try:
+        check_generation_args(None, top_p=float(top_p), temperature=float(temperature),
+                              repetition_penalty=options["repetition_penalty"], top_k=options["top_k"])
+    except ValueError as e:
+        raise Refused(f"Your message was not sent: {e}.") from None
+    return options
 
 
 def plan_turn(model, tokenizer, query: str, history: list, max_length):
@@ -216,9 +250,10 @@ _CONVERSATIONS = threading.Condition()  # guards every Conversation (tiny critic
 def turn_handler(model, tokenizer, render):
     """The Gradio handler of a sent message on both pages: yields (text box, conversation view) as the reply
     streams. `render` makes the page's view (its chat component's value) from the raw turns."""
-    def handle(query, conversation: Conversation, max_length, top_p, temperature):
+    def handle(query, conversation: Conversation, max_length, top_p, temperature, repetition_penalty, top_k, stop):
         try:
             kept, max_length = plan_turn(model, tokenizer, query, list(conversation.turns), max_length)
+            options = generation_options(top_p, temperature, repetition_penalty, top_k, stop)
         except Refused as problem:  # nothing is sent and the text stays in the box
             if str(problem):
                 gr.Warning(str(problem))
@@ -231,7 +266,7 @@ def turn_handler(model, tokenizer, render):
             view = render(conversation.turns)
         try:
             yield "", view  # the message shows at once, even while other chats go first
-            for reply in stream_reply(model, tokenizer, query, kept, max_length, top_p, temperature):
+            for reply in stream_reply(model, tokenizer, query, kept, max_length, top_p, temperature, **options):
                 with _CONVERSATIONS:
                     if conversation.epoch != epoch:
                         return  # cleared: closing stream_reply ends generation

@@ -36,9 +36,11 @@ def build_demo(tokenizer, model) -> gr.Blocks:
             with gr.Column(scale=1):
                 clear = gr.Button("Clear History", elem_id="clear")
                 max_length, top_p, temperature = web.add_sliders()
+                repetition_penalty, top_k, stop_strings = web.add_more_controls()
 
         chat = gr.on([submit.click, query.submit], web.turn_handler(model, tokenizer, render=messages),
-                     inputs=[query, conversation, max_length, top_p, temperature], outputs=[query, chatbot],
+                     inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
+                             stop_strings], outputs=[query, chatbot],
                      concurrency_limit=None,  # web.MODEL_QUEUE, not Gradio, lines the turns up
                      trigger_mode="always_last")  # a message sent during a reply goes once the reply ends
         stop.click(None, cancels=[chat])

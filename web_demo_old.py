@@ -31,10 +31,12 @@ def build_demo(tokenizer, model) -> gr.Blocks:
                     clear = gr.Button("Clear", elem_id="clear")
             with gr.Column(scale=1):
                 max_length, top_p, temperature = web.add_sliders()
+                repetition_penalty, top_k, stop_strings = web.add_more_controls()
         transcript_view = gr.Markdown(elem_id="transcript", min_height=200, line_breaks=True)
 
         chat = gr.on([generate.click, query.submit], web.turn_handler(model, tokenizer, render=transcript),
-                     inputs=[query, conversation, max_length, top_p, temperature], outputs=[query, transcript_view],
+                     inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
+                             stop_strings], outputs=[query, transcript_view],
                      concurrency_limit=None, trigger_mode="always_last")  # sent during a reply: goes after it
         stop.click(None, cancels=[chat])
         clear.click(web.clear_handler(render=transcript), inputs=[conversation], outputs=[transcript_view],

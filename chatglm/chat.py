@@ -68,10 +68,27 @@ def check_generation_args(config, max_length=None, top_p=None, temperature=None,
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
 
 
+def stop_strings(stop) -> List[str]:
+    """stop as a list: None -> [], one string -> [it]; ValueError for anything but non-empty strings (a bare
+    string must not be read as a list of one-character stops)."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return stop
+
+
 def cut_at_stop(text: str, stop) -> Tuple[str, bool]:
     """text up to the first stop string (if any appears), and whether one did."""
     cut = min((i for i in (text.find(s) for s in stop or () if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def without_stop_prefix(text: str, stop) -> str:
+    """text minus a tail that may still grow into a stop string, so a stream never shows what it then takes back."""
+    for n in range(min(len(text), max(map(len, stop), default=1) - 1), 0, -1):
+        if any(len(s) > n and s.startswith(text[-n:]) for s in stop):
+            return text[:-n].rstrip()
+    return text
 
 
 def chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048, num_beams=1,
@@ -79,6 +96,7 @@ def chat(self, tokenizer, query: str, history: Optional[History] = None, max_len
     """(response, history + [(query, response)]). Extra kwargs (repetition_penalty, top_k, ...) go to generate();
     stop: strings that end the reply (the reply is cut before the first one)."""
     check_generation_args(self.config, max_length, top_p, temperature, **kwargs)
+    stop = stop_strings(stop)
     if stop:  # stop strings need the token-by-token loop
         *_, last = self.stream_chat(tokenizer, query, history, max_length=max_length, do_sample=do_sample,
                                     top_p=top_p, temperature=temperature, logits_processor=logits_processor,
@@ -112,6 +130,7 @@ def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, 
     equals chat()'s result. Closing the generator stops generation.
     """
     check_generation_args(self.config, max_length, top_p, temperature, **kwargs)
+    stop = stop_strings(stop)
     history = list(history or [])
     inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
     n_prompt = inputs["input_ids"].shape[1]
@@ -127,8 +146,8 @@ def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, 
                 response = response.strip()
                 break
             if not finished:
-                last = response
-                yield response, history + [(query, response)]
+                last = without_stop_prefix(response, stop) if stop else response
+                yield last, history + [(query, last)]
     finally:
         steps.close()  # ends generation at once when our consumer stops early
     if last is None or response != last:

@@ -38,3 +38,52 @@ def load_from_args(args: argparse.Namespace):
     from .loading import load_model
     return load_model(args.model_path, device=args.device, dtype=args.dtype, quantize=args.quantize,
                       pre_seq_len=args.pre_seq_len, ptuning_checkpoint=args.ptuning_checkpoint)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Sampling options with upstream's defaults. Options left out are not passed on, so generation keeps the
+    library's own default for them (top_k 50 while sampling, no repetition penalty, no stop strings)."""
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-length", type=_positive_int, default=2048,
+                   help="prompt + reply tokens at most (default 2048, capped at the model's context)")
+    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold, in (0, 1] (default 0.7)")
+    g.add_argument("--temperature", type=float, default=0.95,
+                   help="sampling temperature; 0 = always the most likely token (default 0.95)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes tokens already in the conversation less likely (default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample only among the K most likely tokens; 0 = no limit (default 50, the library's)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the reply before TEXT; repeat for several (default: none)")
+    return parser
+
+
+def check_generation_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Exits with argparse's usage error for a sampling value generation would refuse (before the model loads).
+    The ranges are chatglm.chat.check_generation_args'; max_length against the context is checked once loaded."""
+    from .chat import check_generation_args, stop_strings
+    for name in ("top_p", "temperature", "repetition_penalty", "top_k"):
+        try:
+            check_generation_args(None, **{name: getattr(args, name)})
+        except ValueError as e:
+            parser.error(f"argument --{name.replace('_', '-')}: {e}")
+    try:
+        stop_strings(args.stop)
+    except ValueError:
+        parser.error("argument --stop: takes a non-empty text")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments for model.chat / stream_chat from parsed options (the ones left out are not passed)."""
+    kwargs = dict(max_length=args.max_length, top_p=args.top_p, temperature=args.temperature)
+    for name in ("repetition_penalty", "top_k", "stop"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs

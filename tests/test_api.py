@@ -200,6 +200,25 @@ BAD_REQUESTS = [
                               "tools": [{"type": "function"}]}, 400, "not supported"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
      "limit for prompt plus reply is 2048 tokens"),
+    # generation controls: the library's own ranges (chatglm.chat.check_generation_args), naming the field
+    ("/", {"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),  # was a 500 from inside generation
+    ("/", {"prompt": "hi", "top_k": -1}, 400, "top_k must be an integer >= 0"),
+    ("/", {"prompt": "hi", "top_k": "5"}, 400, "top_k"),
+    ("/", {"prompt": "hi", "top_k": 2.5}, 400, "top_k"),
+    ("/", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be > 0"),
+    ("/", {"prompt": "hi", "repetition_penalty": "high"}, 400, "repetition_penalty"),
+    ("/", {"prompt": "hi", "stop": [""]}, 400, "stop strings must not be empty"),
+    ("/", {"prompt": "hi", "stop": [1]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": -2},
+     400, "top_k must be an integer >= 0 (0 or -1 = no limit)"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "repetition_penalty": -1.0}, 400, "repetition_penalty must be > 0"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "presence_penalty": -3}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
 ]
 
 
@@ -300,6 +319,73 @@ def test_stop_sequences_end_the_reply_before_them(client, ref):
     stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello"}],
                                             max_tokens=30, temperature=0, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == full[:full.index(stop)]
+
+
+# ---- generation controls ---------------------------------------------------------------------------------------
+# On the demo checkpoint, "hello" gets "for you you you ..." greedily; repetition_penalty 1.5 changes that to
+# "for youownown...owncally ...", which "ownc" cuts; top_k 1 makes sampling at temperature 1 greedy.
+
+def penalised(ref, max_length, **kw):
+    tokenizer, model = ref
+    return model.chat(tokenizer, "hello", max_length=max_length, do_sample=False, repetition_penalty=1.5, **kw)[0]
+
+
+def test_post_root_takes_repetition_penalty_top_k_and_stop(server, ref):
+    expected = penalised(ref, 200, stop=["ownc"])
+    assert expected != penalised(ref, 200) != greedy(ref, "hello", max_length=200)  # each control matters
+    body = {"prompt": "hello", "max_length": 200, "temperature": 1.0, "top_p": 1.0, "top_k": 1,
+            "repetition_penalty": 1.5, "stop": ["ownc"]}
+    for _ in range(2):  # sampling, but top_k 1 leaves one candidate
+        r = httpx.post(server.url, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert list(r.json()) == ["response", "history", "status", "time"]
+        assert r.json()["response"] == expected and r.json()["history"] == [["hello", expected]]
+    r = httpx.post(server.url, json={**body, "stop": "ownc", "top_k": 0, "temperature": 0}, timeout=60)
+    assert r.json()["response"] == expected  # a single stop string; top_k 0 = no limit
+
+
+def test_openai_route_takes_repetition_penalty_and_top_k_as_extensions(client, ref):
+    n_prompt = prompt_tokens(ref[0], "hello")
+    full = penalised(ref, n_prompt + 40)
+    assert "ownc" in full and full != greedy(ref, "hello", max_new=40)
+    for top_k in (1, -1):  # -1: no limit, as vLLM takes it
+        reply = client.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "hello"}], max_tokens=40, stop=["ownc"],
+            temperature=1.0 if top_k == 1 else 0, top_p=1.0, extra_body={"repetition_penalty": 1.5, "top_k": top_k})
+        assert reply.choices[0].message.content == full[:full.index("ownc")]  # OpenAI's stop: no trimming
+        assert reply.choices[0].finish_reason == "stop"
+
+
+def test_frequency_and_presence_penalty_follow_openais_definition(client, ref):
+    """OpenAI: the score of token j drops by c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c[j] being
+    how often j was generated so far. Checked against this test's own implementation of that formula."""
+    tokenizer, model = ref
+    n_prompt = prompt_tokens(tokenizer, "hello")
+
+    def openai_penalty(frequency, presence):
+        def apply(input_ids, scores):
+            scores = scores.clone()
+            for row, ids in enumerate(input_ids[:, n_prompt:].tolist()):
+                for token in set(ids):
+                    scores[row, token] -= ids.count(token) * frequency + presence
+            return scores
+        return apply
+
+    def ask(**penalties):
+        return client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=30, temperature=0, **penalties).choices[0].message.content
+
+    def reference(frequency, presence):
+        from transformers import LogitsProcessorList
+        return model.chat(tokenizer, "hello", max_length=n_prompt + 30, do_sample=False,
+                          logits_processor=LogitsProcessorList([openai_penalty(frequency, presence)]))[0]
+
+    plain = greedy(ref, "hello", max_new=30)
+    assert ask(frequency_penalty=0.0, presence_penalty=0.0) == plain
+    expected = {(f, p): reference(f, p) for f, p in ((0.5, 0.0), (0.5, 1.0), (1.0, 1.0))}
+    assert len(set(expected.values()) | {plain}) == 4  # each penalty changes the reply, presence included
+    for (frequency, presence), reply in expected.items():
+        assert ask(frequency_penalty=frequency, presence_penalty=presence) == reply, (frequency, presence)
 
 
 def test_seed_makes_sampling_repeatable(client):

@@ -145,3 +145,50 @@ def test_a_model_path_that_does_not_load_is_a_clear_error(tmp_path):
     assert child.exitstatus == 2
     out = text(child.before)
     assert "does not exist" in out and "Traceback" not in out
+
+
+# ---- generation controls -------------------------------------------------------------------------------------------
+
+CONTROLS = ["--max-length", "200", "--temperature", "1", "--top-p", "1", "--top-k", "1",
+            "--repetition-penalty", "1.5", "--stop", "ownc", "--stop", "never seen"]
+
+
+def test_repetition_penalty_top_k_and_stop_reach_the_model(demo_model_path, ref):
+    import torch
+    tokenizer, model = ref
+    expected = model.chat(tokenizer, "hello", max_length=200, do_sample=False, repetition_penalty=1.5,
+                          stop=["ownc", "never seen"])[0]
+    penalised = model.chat(tokenizer, "hello", max_length=200, do_sample=False, repetition_penalty=1.5)[0]
+    # each control matters here: the penalty changes the reply, "ownc" cuts it, and sampling at temperature 1
+    # without top_k 1 is not greedy
+    assert penalised != greedy(ref, "hello", max_length=200) and "ownc" in penalised
+    assert expected == penalised[:penalised.index("ownc")].strip()
+    torch.manual_seed(0)
+    assert model.chat(tokenizer, "hello", max_length=200, temperature=1.0, top_p=1.0,
+                      repetition_penalty=1.5)[0] != penalised
+    child = spawn(demo_model_path, *CONTROLS)  # --temperature 1 overrides spawn's 0: sampling, with top_k 1
+    for _ in range(2):
+        # printed text is never taken back, so the stream must hold back what may become "ownc" (the reply grows
+        # "...ownown" before "ownc" appears)
+        assert ask(child, "hello") == expected
+        child.send("clear\r")
+        child.expect_exact(PROMPT)
+    child.send("stop\r")
+    assert finish(child) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "-1"], "argument --top-k: top_k must be an integer >= 0"),
+    (["--top-k", "2.5"], "argument --top-k: invalid int value"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: repetition_penalty must be > 0"),
+    (["--top-p", "0"], "argument --top-p: top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "argument --temperature: temperature must be >= 0"),
+    (["--max-length", "0"], "argument --max-length: must be a positive integer"),
+    (["--stop", ""], "argument --stop: takes a non-empty text"),
+])
+def test_bad_generation_options_are_refused_before_loading(args, message):
+    import subprocess
+    out = subprocess.run([sys.executable, "cli_demo.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "CHATGLM_MODEL": "/nonexistent"})  # never reached
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "does not exist" not in out.stderr

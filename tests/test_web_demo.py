@@ -46,6 +46,14 @@ def test_code_keeps_its_text_and_an_open_fence_is_closed():
                    "\n~~~")
 
 
+@pytest.mark.parametrize("text, stops", [
+    ("", []), ("  \n ", []), ("Observation:", ["Observation:"]), ("a, b ,,c", ["a", "b", "c"]),
+    ("first, with comma\nsecond\n\n", ["first, with comma", "second"]), ("\n你好，世界\n", ["你好，世界"]),
+])
+def test_stop_strings_box_is_one_per_line_or_comma_separated(text, stops):
+    assert web_common.parse_stop(text) == stops
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures: the model (for expected replies), a server per script, one browser
 
@@ -70,9 +78,22 @@ def model(demo_model_path):
     torch.set_num_threads(threads)
 
 
-def greedy(model, query, history=(), max_length=2048):
+def greedy(model, query, history=(), max_length=2048, **kw):
     tokenizer, m = model
-    return m.chat(tokenizer, query, history=list(history), do_sample=False, max_length=max_length)[0]
+    return m.chat(tokenizer, query, history=list(history), do_sample=False, max_length=max_length, **kw)[0]
+
+
+def test_top_k_slider_default_is_what_generation_does_without_it(model):
+    """Upstream passed no top_k, so sampling used the library's 50; the slider's default must keep that."""
+    import torch
+    tokenizer, m = model
+
+    def sample(**kw):  # a hot temperature spreads the choice over many tokens, so top_k matters
+        torch.manual_seed(0)
+        return m.chat(tokenizer, "讲个故事", max_length=40, top_p=1.0, temperature=5.0, **kw)[0]
+
+    assert sample(top_k=web_common.TOP_K["value"]) == sample() != sample(top_k=0)
+    assert web_common.REPETITION_PENALTY["value"] == 1.0  # 1 = no penalty, as upstream
 
 
 def free_port() -> int:
@@ -257,6 +278,13 @@ def test_page_shows_demo_notice_and_upstream_sliders(server, chat_page):
         slider = page.locator(f"#{elem_id} input[type=range]")
         assert [float(slider.get_attribute(a)) for a in ("min", "max", "step")] == [lo, hi, step]
         assert float(slider.input_value()) == default
+    # the added controls, beside them: defaults that change nothing
+    for elem_id, (lo, hi, default, step) in {"repetition-penalty": (1, 2, 1.0, 0.01),
+                                              "top-k": (0, 200, 50, 1)}.items():
+        slider = page.locator(f"#{elem_id} input[type=range]")
+        assert [float(slider.get_attribute(a)) for a in ("min", "max", "step")] == [lo, hi, step]
+        assert float(slider.input_value()) == default
+    assert page.locator("#stop-strings textarea").input_value() == ""
 
 
 def test_server_listens_on_loopback_only(server):
@@ -416,3 +444,26 @@ def test_maximum_length_beyond_the_model_context_is_capped(server, chat_page, mo
     chat.send(SHORT_Q1)
     chat.page.get_by_text("Maximum length 4096 is beyond this model's context; using 2048.").wait_for(timeout=10_000)
     chat.wait_reply(expected)
+
+
+def test_repetition_penalty_top_k_and_stop_strings_reach_the_model(server, chat_page, model):
+    # on the demo model the penalty turns "for you you you ..." into "for youownown...owncally ...", which "ownc"
+    # cuts; Top K 1 makes sampling at Temperature 1 greedy
+    expected = greedy(model, LONG_Q, max_length=200, repetition_penalty=1.5, stop=["ownc", "never seen"])
+    penalised = greedy(model, LONG_Q, max_length=200, repetition_penalty=1.5)
+    assert words(expected) != words(penalised) != words(greedy(model, LONG_Q, max_length=200))
+    chat = chat_page()
+    chat.set_slider("max-length", 200)
+    chat.set_slider("top-p", 0)  # a value generation can't use: refused, nothing sent, the text stays
+    chat.send(LONG_Q)
+    chat.page.get_by_text("top_p must be in (0, 1]").wait_for(timeout=10_000)
+    assert chat.box.input_value() == LONG_Q and chat.turns() == ([], [])
+    for elem_id, value in (("top-p", 1), ("temperature", 1), ("top-k", 1), ("repetition-penalty", 1.5)):
+        chat.set_slider(elem_id, value)
+    chat.page.locator("#stop-strings textarea").fill("ownc\nnever seen")
+    chat.record_reply_updates()
+    chat.send(LONG_Q)
+    chat.wait_reply(expected)
+    # the reply never showed text it then took back (it grows "...ownown" before "ownc" appears)
+    assert all(words(expected).startswith(u) for u in chat.seen_updates()), chat.seen_updates()
+    assert chat.wait_still(0.5) == words(expected)
