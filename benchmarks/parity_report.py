@@ -74,7 +74,7 @@ def main():
         if name.startswith("tiny-ptuning"):
             _, model = load_model(os.path.join(args.golden, "tiny"), ptuning_checkpoint=folder, device="cpu")
         else:
-            _, model = load_model(folder, device="cpu")
+            _, model = load_model(folder, device="cpu", dtype="float32")
         worst = 0.0
         for case, d in [*forward_diffs(model, g, arrays), *cache_diffs(model, g, arrays),
                         *training_diff(model, g, arrays)]:

@@ -98,10 +98,34 @@ def read_state_dict(path: str):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip torch.save file
     except Exception as e:
         raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}). The file is probably "
                              f"truncated or corrupt ({os.path.getsize(path)} bytes): download it again.") from e
+
+
+def release_pages(t: torch.Tensor):
+    """Tell Linux we are done with a tensor read from a memory-mapped checkpoint, so its file pages leave our
+    resident memory now rather than when the whole shard is closed (it keeps quantize-while-loading's peak near
+    the quantized size). A no-op elsewhere, and for tensors not backed by a file mapping."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    try:
+        import ctypes
+        import mmap
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if last > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
 
 
 def load_config(folder: str, **overrides) -> ChatGLMConfig:
@@ -130,13 +154,17 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def choose_dtype(device: torch.device, dtype=None) -> torch.dtype:
+def choose_dtype(device: torch.device, dtype=None, quantized: bool = False) -> torch.dtype:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
         dtype = _DTYPES[dtype]
     if dtype is None:
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type in ("cuda", "mps"):
+            return torch.float16
+        # PyTorch's weight-only int8/int4 CPU kernels are vectorized for bfloat16 and plain loops for float32
+        # (several times slower); float32 stays available for exact parity with the original (dtype="float32")
+        return torch.bfloat16 if quantized else torch.float32
     if dtype == torch.float16 and device.type == "cpu":
         warnings.warn("float16 is slow or unsupported on CPU; using float32 instead (bfloat16 is the low-memory "
                       "choice on CPU)")
@@ -195,7 +223,9 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
         device = _as_device(device_map.get("transformer.word_embeddings", next(iter(device_map.values()))))
     else:
         device = torch.device(device or default_device())
-    dtype = choose_dtype(device, dtype)
+    dtype = choose_dtype(device, dtype, quantized=bool(quantize or config.quantization_bit))
+    # scales stay exact: float32 in float32 models, else float16 (the official files' dtype), never bfloat16
+    scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
     device_of = device_lookup(device_map, device)
     if quantize is not None and quantize not in (4, 8):
         raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
@@ -221,15 +251,20 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
                 from .quantization import quantize_weight
                 q, scale = quantize_weight(t, quantize)
                 _assign(model, key, q.to(device_of(key)))
-                _assign(model, key + "_scale", scale.to(device=device_of(key), dtype=dtype))
+                _assign(model, key + "_scale", scale.to(device=device_of(key), dtype=scale_dtype))
                 loaded.update({key, key + "_scale"})
+                release_pages(t)
                 continue
             if tuple(t.shape) != tuple(target.shape):
                 shapes_wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(target.shape)}")
                 continue
-            t = t.to(device=device_of(key), dtype=dtype if t.is_floating_point() else t.dtype)
+            target_dtype = scale_dtype if key.endswith(".weight_scale") else dtype
+            source = t
+            t = t.to(device=device_of(key), dtype=target_dtype if t.is_floating_point() else t.dtype)
             _assign(model, key, t)
             loaded.add(key)
+            if t.data_ptr() != source.data_ptr():  # converted or moved: the model keeps no view of the file
+                release_pages(source)
         del sd
     if shapes_wrong:
         raise ModelLoadError(f"weights in {folder} do not fit its config.json ({os.path.join(folder, 'config.json')})"

@@ -9,13 +9,15 @@ Format (the same integers and scales as the original, see ../shared/golden/NOTES
     byte[j] = (q[2j] << 4) | (q[2j+1] & 0xF);
   * state-dict keys `weight` (int8 [out, in] or packed [out, in/2]), `weight_scale` [out], `bias` [out].
 
-Kernels (a layer computes x @ (q * scale).T + bias; which one runs depends on device and activation dtype):
-  * CPU, bfloat16 activations: PyTorch's fused weight-only ops (`_weight_int8pack_mm`,
-    `_weight_int4pack_mm_for_cpu`). INT4 is repacked once, in place, into the layout of the CPU op, so no second
-    copy of the weights is kept; `state_dict()` still returns the official layout.
-  * everywhere else (float32 on CPU, CUDA, MPS, and long prompts on CPU): dequantize the weight on the fly and
-    call F.linear. In float32 this is exact, which is what the golden parity tests check.
-Gradients reach the input (P-Tuning on a quantized base) without keeping dequantized weights alive.
+Kernels (a layer computes x @ (q * scale).T + bias; which one runs depends on device, dtype and rows):
+  * CPU, few rows (decoding): PyTorch's fused weight-only ops `_weight_int8pack_mm` and
+    `_weight_int4pack_mm_for_cpu` (vectorized for bfloat16 activations; plain loops for float32). INT4 weights are
+    repacked once, in place, into the layout of the CPU op, so no second copy is kept; `state_dict()` still
+    returns the official layout.
+  * CUDA, MPS, and many rows (prompts) on CPU: dequantize the weight on the fly and call F.linear (cuBLAS /
+    Metal / oneDNN), which is what the original's CUDA kernels did too.
+In float32 every path computes the original's numbers (the golden parity tests run both). Gradients reach the
+input (P-Tuning on a quantized base) without keeping dequantized weights alive.
 """
 import functools
 from typing import Optional, Tuple
@@ -27,9 +29,13 @@ from torch import nn
 # module paths inside model.transformer.layers[i]; every one is an nn.Linear with weight [out, in] and a bias
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
-# CPU prompts at least this long go through dequantize + bf16 GEMM, which beats the fused ops once the work is
-# compute bound (measured in benchmarks/bench_quant.py; the fused ops are matrix-vector kernels at heart).
-FUSED_MAX_ROWS = 16
+# On CPU the fused ops win while the work is close to a matrix-vector product (decoding); for longer prompts,
+# dequantizing a few rows at a time and running the dense GEMM wins. Fused up to this many rows, per (activation
+# dtype, bits); crossovers measured on a 2-core AVX-512 machine with 16384 x 4096 and 4096 x 16384 weights
+# (bfloat16: INT8 ~24 rows, INT4 ~200 rows; float32, whose fused ops are plain loops: 1-2 rows). Other
+# activation dtypes always dequantize.
+FUSED_MAX_ROWS = {(torch.bfloat16, 8): 24, (torch.bfloat16, 4): 192, (torch.float32, 8): 1, (torch.float32, 4): 1}
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
 
 def check_bits(bits) -> int:
@@ -41,29 +47,30 @@ def check_bits(bits) -> int:
 
 # ---- the format -------------------------------------------------------------------------------------------------
 
-def quantize_weight(weight: torch.Tensor, bits: int, rows_per_chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scale) of a [out, in] weight: qweight int8 [out, in] (bits 8) or packed int8 [out, in/2] (bits 4),
-    scale float16 [out]. Reproduces the original's integers exactly for fp16 weights. Works row chunk by row chunk,
-    so quantizing a 6B checkpoint never holds more than a few MB of fp32 temporaries."""
+    scale float16 [out]. Reproduces the original's integers exactly for fp16 weights. Works in chunks of rows
+    (~4 MB of fp32 temporaries), so quantizing a 6B checkpoint while it loads adds almost nothing to its memory."""
     bits = check_bits(bits)
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     if bits == 4 and weight.shape[1] % 2:
         raise ValueError(f"INT4 packs two input columns per byte; in_features {weight.shape[1]} is odd")
     max_q = 2 ** (bits - 1) - 1
-    out_features = weight.shape[0]
-    cols = weight.shape[1] if bits == 8 else weight.shape[1] // 2
-    qweight = torch.empty(out_features, cols, dtype=torch.int8, device=weight.device)
+    out_features, in_features = weight.shape
+    qweight = torch.empty(out_features, in_features if bits == 8 else in_features // 2, dtype=torch.int8,
+                          device=weight.device)
     scale = torch.empty(out_features, dtype=torch.float16, device=weight.device)
+    rows = max(1, (1 << 20) // max(in_features, 1))
     with torch.no_grad():
-        for start in range(0, out_features, rows_per_chunk):
-            w = weight[start:start + rows_per_chunk].float()
+        for start in range(0, out_features, rows):
+            w = weight[start:start + rows].float()
             # fp16 division as torch does it (exact quotient of the fp16 values, rounded once to fp16)
             s = (w.abs().amax(dim=1) / max_q).half()
             divisor = torch.where(s == 0, torch.ones_like(s), s).float()  # an all-zero row quantizes to zeros
-            q = torch.round(w / divisor[:, None]).clamp_(-max_q, max_q).to(torch.int8)
-            qweight[start:start + rows_per_chunk] = q if bits == 8 else pack_int4(q)
-            scale[start:start + rows_per_chunk] = s
+            q = w.div_(divisor[:, None]).round_().clamp_(-max_q, max_q).to(torch.int8)
+            qweight[start:start + rows] = q if bits == 8 else pack_int4(q)
+            scale[start:start + rows] = s
     return qweight, scale
 
 
@@ -77,14 +84,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     high = packed >> 4  # arithmetic shift of int8: sign-extends the high nibble
     low = (packed << 4) >> 4
     return torch.stack([high, low], dim=-1).view(packed.shape[0], -1)
-
-
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """q * scale as a [out, in] tensor of dtype (computed in fp32 unless dtype is fp16, where int8 * fp16 is exact
-    before the one rounding anyway)."""
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    compute = dtype if dtype in (torch.float32, torch.float16) else torch.float32
-    return (q.to(compute) * scale.to(compute)[:, None]).to(dtype)
 
 
 # ---- PyTorch's CPU INT4 layout -----------------------------------------------------------------------------------
@@ -151,6 +150,13 @@ def _scales_and_zeros(scale: torch.Tensor, in_features: int, group: int, dtype) 
 
 
 @functools.lru_cache(maxsize=None)
+def _unit_scales_and_zeros(in_features: int, out_features: int, group: int, dtype) -> torch.Tensor:
+    # Shared by every layer of this shape: the CPU op multiplies by 1 and we apply the row scales to its output,
+    # which costs nothing measurable and saves a per-layer table (~3 MB per 6B block, 86 MB in all).
+    return _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_int8_fused_ok() -> bool:
     try:
         q = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
@@ -181,9 +187,10 @@ class _QuantizedMatmul(torch.autograd.Function):
 class QuantizedLinear(nn.Module):
     """A frozen linear layer with weight-only INT8/INT4 weights in the official format (see module docstring).
 
-    `weight` holds the official bytes, except on CPU after a bfloat16 INT4 forward: it then holds the same values
-    repacked (uint8) for PyTorch's CPU kernel. `state_dict()`, `int_weight()` and moving the module (`.to()`)
-    always give / restore the official layout."""
+    `weight` holds the official bytes, except for INT4 after a fused CPU forward: it then holds the same values
+    repacked (uint8) for PyTorch's CPU op. `state_dict()`, `int_weight()` and moving or casting the module always
+    give / restore the official layout. `weight_scale` stays float16 in bfloat16 models, so saving such a model
+    writes the original's scales."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -192,6 +199,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"INT4 packs two input columns per byte; in_features {in_features} is odd")
         self.in_features, self.out_features = in_features, out_features
         dtype = dtype or torch.float16
+        scale_dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float16  # bf16 would round it
         # key order as in the official checkpoints: bias, weight, weight_scale
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
@@ -200,8 +208,9 @@ class QuantizedLinear(nn.Module):
         cols = in_features if self.bits == 8 else in_features // 2
         self.weight = nn.Parameter(torch.empty(out_features, cols, device=device, dtype=torch.int8),
                                    requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
-        self._cpu_int4 = None  # (weight Parameter, its version, scales_and_zeros, group, scale version) when repacked
+        self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=scale_dtype),
+                                         requires_grad=False)
+        self._repacked_as = None  # (Parameter, version) of a weight repacked for the CPU INT4 op
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
@@ -210,7 +219,7 @@ class QuantizedLinear(nn.Module):
                     dtype=w.dtype)
         q, scale = quantize_weight(w, bits)
         layer.weight = nn.Parameter(q, requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale.to(w.dtype), requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale.to(layer.weight_scale.dtype), requires_grad=False)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
@@ -221,40 +230,32 @@ class QuantizedLinear(nn.Module):
 
     # -- official <-> CPU-kernel layout (INT4 on CPU only) --
     def _repacked(self) -> bool:
-        state = self._cpu_int4
-        return state is not None and state[0] is self.weight and state[1] == self.weight._version
+        r = self._repacked_as
+        return r is not None and r[0] is self.weight and r[1] == self.weight._version
 
     def int_weight(self) -> torch.Tensor:
         """The weight in the official layout (int8 [out, in], or packed int8 [out, in/2] for INT4)."""
         if not self._repacked():
             return self.weight.detach()
-        block, style = cpu_int4_layout()
-        unsigned = _from_cpu_layout(self.weight.detach(), self.in_features, block, style)
-        return pack_int4(unsigned.to(torch.int8) - 8)
+        return pack_int4(self.int_values())
 
     def _restore_official_layout(self):
         if self._repacked():
             with torch.inference_mode(False), torch.no_grad():
                 self.weight.data = self.int_weight()
-        self._cpu_int4 = None
+        self._repacked_as = None
 
     def _prepare_cpu_int4(self) -> bool:
         """Repack INT4 weights for the CPU op (once; in place, so memory does not grow). False if not possible."""
         if self._repacked():
-            state = self._cpu_int4
-            if state[4] != self.weight_scale._version:  # new scales: rebuild the scale table
-                self._cpu_int4 = state[:2] + (_scales_and_zeros(self.weight_scale.detach(), self.in_features,
-                                                                state[3], torch.bfloat16), state[3],
-                                              self.weight_scale._version)
             return True
-        layout, group = cpu_int4_layout(), _group_size(self.in_features)
-        if layout is None or group is None or self.out_features % layout[0]:
+        layout = cpu_int4_layout()
+        if layout is None or _group_size(self.in_features) is None or self.out_features % layout[0]:
             return False
         with torch.inference_mode(False), torch.no_grad():
             unsigned = (unpack_int4(self.weight.detach()) + 8).to(torch.uint8)
             self.weight.data = _to_cpu_layout(unsigned, *layout)
-            scales_zeros = _scales_and_zeros(self.weight_scale.detach(), self.in_features, group, torch.bfloat16)
-        self._cpu_int4 = (self.weight, self.weight._version, scales_zeros, group, self.weight_scale._version)
+        self._repacked_as = (self.weight, self.weight._version)
         return True
 
     def _apply(self, fn, recurse=True):
@@ -271,18 +272,41 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- compute --
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.int_weight(), self.weight_scale, self.bits, dtype)
+    def int_values(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """The integers of output rows [start, stop) as int8 [rows, in] (INT4 unpacked). When the weight is repacked
+        for the CPU op, start and stop must be multiples of its row block (64 with AVX-512)."""
+        w = self.weight.detach()[start:stop]
+        if self.bits == 8:
+            return w
+        if self._repacked():
+            block, style = cpu_int4_layout()
+            return _from_cpu_layout(w, self.in_features, block, style).view(torch.int8) - 8
+        return unpack_int4(w)
+
+    def dequantized_weight(self, dtype: torch.dtype, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """q * scale for output rows [start, stop), [rows, in] (exact in float32: an integer times an fp16 value)."""
+        return self.int_values(start, stop).to(dtype) * self.weight_scale[start:stop].to(dtype)[:, None]
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        fused = x2d.device.type == "cpu" and x2d.dtype == torch.bfloat16 and x2d.shape[0] < FUSED_MAX_ROWS
-        if fused and self.bits == 8 and cpu_int8_fused_ok():
-            return torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.weight,
-                                                      self.weight_scale.to(torch.bfloat16))
-        if fused and self.bits == 4 and self._prepare_cpu_int4():
-            _, _, scales_zeros, group, _ = self._cpu_int4
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), self.weight, group, scales_zeros)
-        return F.linear(x2d, self.dequantized_weight(x2d.dtype))
+        on_cpu = x2d.device.type == "cpu"
+        if on_cpu and x2d.shape[0] <= FUSED_MAX_ROWS.get((x2d.dtype, self.bits), -1):
+            if self.bits == 8 and cpu_int8_fused_ok():
+                return torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.weight,
+                                                          self.weight_scale.to(x2d.dtype))
+            if self.bits == 4 and self._prepare_cpu_int4():
+                group = _group_size(self.in_features)
+                unit = _unit_scales_and_zeros(self.in_features, self.out_features, group, x2d.dtype)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), self.weight, group, unit)
+                return y.mul_(self.weight_scale.to(y.dtype))
+        rows = DEQUANT_CHUNK_ELEMENTS // self.in_features // 64 * 64
+        if not on_cpu or rows == 0 or rows >= self.out_features:
+            return F.linear(x2d, self.dequantized_weight(x2d.dtype))
+        # CPU: dequantize a few MB of rows at a time; the allocator then reuses one small buffer instead of
+        # page-faulting in a fresh [out, in] tensor per call (which costs more than the GEMM itself)
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=x2d.dtype)
+        for start in range(0, self.out_features, rows):
+            y[:, start:start + rows] = x2d @ self.dequantized_weight(x2d.dtype, start, start + rows).T
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -343,6 +367,10 @@ def replace_with_empty_quantized(model: nn.Module, bits: int) -> nn.Module:
     """Swap in empty QuantizedLinear layers (same device and dtype as the linears they replace), ready for the
     official pre-quantized state dict (config.quantization_bit) to be loaded into them; returns model."""
     bits = check_bits(bits)
+    if getattr(getattr(model, "config", None), "quantization_embeddings", False):
+        raise NotImplementedError("checkpoints with quantized embeddings (quantization_embeddings: true, e.g. "
+                                  "chatglm-6b-int4-qe) are not supported; use chatglm-6b-int4 or quantize the FP16 "
+                                  "checkpoint with --quantize 4")
     for parent, name, module in _linear_slots(model):
         if isinstance(module, QuantizedLinear):
             if module.bits != bits:
@@ -354,13 +382,3 @@ def replace_with_empty_quantized(model: nn.Module, bits: int) -> nn.Module:
     _set_bits(model, bits)
     return model
 
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, counting tied tensors once (what the weights cost in memory)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.is_meta:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
