@@ -15,7 +15,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="quantize the weights to 4 or 8 bits while loading")
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda, then mps, then cpu)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default: float16 on GPU, float32 on CPU)")
+                   help="compute dtype (default: float16 on GPU; on CPU float32, or bfloat16 for a quantized model)")
     g.add_argument("--ptuning-checkpoint", default=None,
                    help="folder of a P-Tuning v2 checkpoint (prefix encoder) to load on top of the model")
     g.add_argument("--pre-seq-len", type=int, default=None,
