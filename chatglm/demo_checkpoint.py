@@ -88,7 +88,7 @@ def _build_model(folder: str):
     cfg.update(_name_or_path="chatglm-demo", torch_dtype="float16", chatglm_demo_version=VERSION)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
-    return float(loss)
+    return loss.item()
 
 
 def ensure_demo_checkpoint(folder: str = None) -> str:
