@@ -232,6 +232,10 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     if quantize and config.quantization_bit and quantize != config.quantization_bit:
         raise ModelLoadError(f"{folder} is already quantized to {config.quantization_bit} bits; cannot re-quantize "
                              f"to {quantize}. Load the FP16 checkpoint instead.")
+    if getattr(config, "quantization_embeddings", False):
+        raise ModelLoadError(f"{folder} quantizes its embeddings too (quantization_embeddings: true, e.g. "
+                             f"chatglm-6b-int4-qe), which is not supported; use chatglm-6b-int4, or the FP16 "
+                             f"checkpoint with --quantize 4")
     files = weight_files(folder)
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)

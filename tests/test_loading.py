@@ -223,3 +223,11 @@ def test_ptuning_checkpoint_for_another_base_model_is_explained(golden_dir, demo
 def test_folder_without_prefix_weights_is_not_a_ptuning_checkpoint(demo_model_path):
     with pytest.raises(ModelLoadError, match="not a P-Tuning v2 checkpoint"):
         load_model(demo_model_path, ptuning_checkpoint=demo_model_path)
+
+
+def test_embedding_quantized_checkpoints_are_refused_clearly(demo_copy):
+    cfg = json.loads((demo_copy / "config.json").read_text())
+    cfg.update(quantization_bit=4, quantization_embeddings=True)
+    (demo_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="chatglm-6b-int4-qe.*not supported.*chatglm-6b-int4"):
+        load_model(str(demo_copy))
