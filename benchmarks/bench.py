@@ -117,6 +117,10 @@ def weight_bytes(model):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    for m in model.modules():  # oneDNN-packed bf16 weights (chatglm/cpu_pack.py) are not parameters
+        packed = getattr(m, "packed", None)
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * packed.element_size()
     return total
 
 

@@ -117,19 +117,26 @@ def peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def module_tensors(module):
+    """Its parameters, plus the oneDNN-packed bf16 weights of chatglm/cpu_pack.py (not parameters)."""
+    packed = [m.packed for m in module.modules() if isinstance(getattr(m, "packed", None), torch.Tensor)]
+    return [*module.parameters(), *packed]
+
+
 def tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
-        if t is None or t.data_ptr() in seen:
+        key = id(t) if t is not None and t.is_mkldnn else (t.data_ptr() if t is not None else None)
+        if t is None or key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 
 
 def layer_read_bytes(layer) -> int:
     """Bytes one decode step reads from a block's weights."""
-    return tensor_bytes(layer.parameters())
+    return tensor_bytes(module_tensors(layer))
 
 
 def best_of(fn, repeat):
@@ -191,7 +198,7 @@ def worker(args):
         one = ids[:, :1]
         head_s = best_of(lambda: model.lm_head(model.transformer.final_layernorm(h))
                          + model.transformer.word_embeddings(one).sum(), 5 * args.repeat)
-    layer_bytes_mem = tensor_bytes(model.transformer.layers[0].parameters())
+    layer_bytes_mem = tensor_bytes(module_tensors(model.transformer.layers[0]))
     layer_bytes_read = layer_read_bytes(model.transformer.layers[0])
     head_bytes = tensor_bytes([model.lm_head.weight, *model.transformer.final_layernorm.parameters()])
     result = dict(config=args.worker, layers=L, load_s=load_s, rss_before_load=rss0, peak_rss=peak_load,

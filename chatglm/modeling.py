@@ -428,8 +428,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     # ---- conveniences -----------------------------------------------------------------------------------------
     def quantize(self, bits: int):
+        from .cpu_pack import unpack
         from .quantization import quantize_model
-        quantize_model(self, bits)
+        quantize_model(unpack(self), bits)
         self.config.quantization_bit = bits
         return self
 

@@ -231,3 +231,31 @@ def test_embedding_quantized_checkpoints_are_refused_clearly(demo_copy):
     (demo_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="chatglm-6b-int4-qe.*not supported.*chatglm-6b-int4"):
         load_model(str(demo_copy))
+
+
+def test_bfloat16_cpu_weights_are_packed_without_changing_results_or_the_state_dict(demo_model_path, tmp_path):
+    from chatglm.cpu_pack import PackedLinear, available, unpack
+    if not available():
+        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
+    tok, packed = load_model(demo_model_path, device="cpu", dtype="bfloat16")
+    assert isinstance(packed.transformer.layers[0].mlp.dense_h_to_4h, PackedLinear)
+    ids = tok(["你好，请介绍一下你自己"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        fast = packed(input_ids=ids).logits
+    state = packed.state_dict()
+    reply = packed.chat(tok, "你好", do_sample=False, max_length=64)[0]
+    plain = unpack(load_model(demo_model_path, device="cpu", dtype="bfloat16")[1])
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(fast, plain(input_ids=ids).logits)  # the same kernels' arithmetic, bit for bit
+    assert plain.chat(tok, "你好", do_sample=False, max_length=64)[0] == reply
+    reference = plain.state_dict()
+    assert list(state) == list(reference) and all(torch.equal(state[k], reference[k]) for k in state)
+    packed.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    _, reloaded = load_model(str(tmp_path / "saved"), device="cpu", dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, fast)
+    packed.float()  # casting unpacks: the model then computes in float32 like any other
+    with torch.no_grad():
+        assert packed(input_ids=ids).logits.dtype == torch.float32
