@@ -26,6 +26,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias  # stays an ordinary (frozen or trainable) parameter
+        self.weight_requires_grad = linear.weight.requires_grad
         self._set_weight(linear.weight.detach())
 
     def _set_weight(self, dense: torch.Tensor):
@@ -50,7 +51,7 @@ class PackedLinear(nn.Module):
 
     def unpack(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.weight, requires_grad=False)
+        linear.weight = nn.Parameter(self.weight, requires_grad=self.weight_requires_grad)
         linear.bias = self.bias
         return linear
 
@@ -89,7 +90,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
 
 
 def unpack(model: nn.Module) -> nn.Module:
-    """Back to plain nn.Linear layers (before moving or casting the model, or training it)."""
+    """Back to plain nn.Linear layers with trainable Parameters (model.train() does this by itself)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, PackedLinear):

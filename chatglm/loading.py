@@ -287,7 +287,7 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as in the original
     if quantize:
         model.config.quantization_bit = quantize
-    if dtype == torch.bfloat16 and device.type == "cpu" and not device_map:
+    if dtype == torch.bfloat16 and device.type == "cpu" and not device_map and config.pre_seq_len is None:
         from .cpu_pack import pack_for_cpu
         pack_for_cpu(model)  # oneDNN-packed weights: ~3x faster bf16 decoding on CPU, identical results
     model.name_or_path = str(path)

@@ -427,6 +427,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
     # ---- conveniences -----------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        # oneDNN-packed bf16 weights (chatglm/cpu_pack.py, inference on CPU) are not Parameters: training gets the
+        # plain layers back, so every weight is a Parameter an optimizer created from now on will see
+        if mode:
+            from .cpu_pack import PackedLinear, unpack
+            if any(isinstance(m, PackedLinear) for m in self.modules()):
+                unpack(self)
+        return super().train(mode)
+
     def quantize(self, bits: int):
         from .cpu_pack import unpack
         from .quantization import quantize_model

@@ -259,3 +259,17 @@ def test_bfloat16_cpu_weights_are_packed_without_changing_results_or_the_state_d
     packed.float()  # casting unpacks: the model then computes in float32 like any other
     with torch.no_grad():
         assert packed(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_training_a_packed_bfloat16_model_gets_trainable_parameters_back(demo_model_path):
+    from chatglm.cpu_pack import PackedLinear
+    tok, model = load_model(demo_model_path, device="cpu", dtype="bfloat16")
+    n_inference = sum(p.numel() for p in model.parameters())
+    model.train()
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) > n_inference
+    assert params["transformer.layers.0.mlp.dense_h_to_4h.weight"].requires_grad
+    ids = torch.tensor([tok.encode("你好")])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert params["transformer.layers.0.mlp.dense_h_to_4h.weight"].grad is not None
