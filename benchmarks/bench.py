@@ -121,6 +121,8 @@ def weight_bytes(model):
         packed = getattr(m, "packed", None)
         if isinstance(packed, torch.Tensor):
             total += packed.numel() * packed.element_size()
+        for chunk, _ in getattr(m, "chunks", ()):  # the packed embedding that lm_head shares
+            total += chunk.numel() * chunk.element_size()
     return total
 
 

@@ -1,4 +1,4 @@
-"""FP32 / BF16 / INT8 / INT4 on this CPU, with the real ChatGLM-6B geometry (a benchmark, not a test).
+"""FP32 / BF16 / INT8 / INT4 (/ INT4-QE) on this CPU, with the real ChatGLM-6B geometry (a benchmark, not a test).
 
     python benchmarks/bench_quant.py [--layers 2] [--full INT8,INT4] [--prompt 128] [--decode 16]
 
@@ -14,7 +14,9 @@ a fresh process per configuration with chatglm.load_model and measures:
 Configurations named in --full load a real-depth (28-layer) checkpoint and need no extrapolation. The others are
 extrapolated to 28 layers: decode = 28 x (per-layer time) + (embedding/lm_head time), both measured; resident =
 measured + (28 - layers) x (exact bytes of one layer in that format); peak = that resident + the transient seen
-while loading (one shard's pages); load seconds scale with the bytes of the checkpoint. The tokenizer is the demo checkpoint's (it does not affect any number here).
+while loading (one shard's pages); load seconds scale with the bytes of the checkpoint. INT4-QE (not run unless
+named in --configs) is INT4 with the embedding that lm_head shares quantized too (--quantize-embeddings). The
+tokenizer is the demo checkpoint's (it does not affect any number here).
 """
 import argparse
 import gc
@@ -40,7 +42,9 @@ CONFIGS = {  # name: (load_model dtype, quantize bits)
     "INT4": ("bfloat16", 4),
     "INT8 fp32-act": ("float32", 8),
     "INT4 fp32-act": ("float32", 4),
+    "INT4-QE": ("bfloat16", 4),  # INT4 plus the embedding that lm_head shares (--quantize-embeddings)
 }
+QUANTIZED_EMBEDDINGS = {"INT4-QE"}
 DEFAULT_CONFIGS = ["FP32", "BF16", "INT8", "INT4"]
 
 
@@ -155,7 +159,8 @@ def worker(args):
     dtype, bits = CONFIGS[args.worker]
     rss0 = rss_bytes()
     t = time.perf_counter()
-    tokenizer, model = load_model(args.dir, device="cpu", dtype=dtype, quantize=bits)
+    tokenizer, model = load_model(args.dir, device="cpu", dtype=dtype, quantize=bits,
+                                  quantize_embeddings=args.worker in QUANTIZED_EMBEDDINGS)
     load_s = time.perf_counter() - t
     gc.collect()
     peak_load = peak_rss_bytes()
@@ -194,13 +199,14 @@ def worker(args):
         steps = sorted(t for _ in range(args.repeat) for t in decode_steps())
         decode_s, decode_median_s = steps[0], steps[len(steps) // 2]
         # the part that does not scale with depth: embedding, final layer norm, lm_head (one token)
-        h = torch.randn(1, 1, H, generator=gen).to(model.lm_head.weight.dtype)
+        h = torch.randn(1, 1, H, generator=gen).to(model.transformer.final_layernorm.weight.dtype)
         one = ids[:, :1]
         head_s = best_of(lambda: model.lm_head(model.transformer.final_layernorm(h))
                          + model.transformer.word_embeddings(one).sum(), 5 * args.repeat)
     layer_bytes_mem = tensor_bytes(module_tensors(model.transformer.layers[0]))
     layer_bytes_read = layer_read_bytes(model.transformer.layers[0])
-    head_bytes = tensor_bytes([model.lm_head.weight, *model.transformer.final_layernorm.parameters()])
+    head_bytes = tensor_bytes([model.lm_head.weight, getattr(model.lm_head, "weight_scale", None),
+                               *model.transformer.final_layernorm.parameters()])
     result = dict(config=args.worker, layers=L, load_s=load_s, rss_before_load=rss0, peak_rss=peak_load,
                   peak_rss_after_run=peak_rss_bytes(), resident=resident, prefill_s=prefill_s,
                   prompt=int(ids.shape[1]), decode_s=decode_s, decode_median_s=decode_median_s, head_s=head_s,

@@ -209,8 +209,11 @@ def device_lookup(device_map: Optional[dict], default: torch.device):
 
 
 def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfig] = None, quantize=None,
-                 device_map: Optional[dict] = None):
+                 device_map: Optional[dict] = None, quantize_embeddings: bool = False):
     """ChatGLMForConditionalGeneration from a folder in the official layout (see module docstring).
+
+    quantize_embeddings: also quantize the embedding lm_head shares (to `quantize` bits, or to those of a
+    pre-quantized checkpoint), as chatglm-6b-int4-qe does; checkpoints saved that way load as such by themselves.
 
     device_map (module name -> device or GPU index, e.g. utils.auto_configure_device_map) places each weight
     straight on its device as it is read, so a model split over several GPUs never exists whole in CPU memory.
@@ -232,35 +235,48 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     if quantize and config.quantization_bit and quantize != config.quantization_bit:
         raise ModelLoadError(f"{folder} is already quantized to {config.quantization_bit} bits; cannot re-quantize "
                              f"to {quantize}. Load the FP16 checkpoint instead.")
-    if getattr(config, "quantization_embeddings", False):
-        raise ModelLoadError(f"{folder} quantizes its embeddings too (quantization_embeddings: true, e.g. "
-                             f"chatglm-6b-int4-qe), which is not supported; use chatglm-6b-int4, or the FP16 "
-                             f"checkpoint with --quantize 4")
+    if quantize_embeddings and not (quantize or config.quantization_bit):
+        raise ValueError("quantize_embeddings needs quantize=4 or 8 (the embedding is quantized like the block "
+                         "linears) or a pre-quantized checkpoint")
+    # bits for the FP16 weights of the file that land in quantized layers (quantized as they stream in)
+    quantize_bits = quantize or (config.quantization_bit if quantize_embeddings else None)
     files = weight_files(folder)
     with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
-    if quantize and not config.quantization_bit:
+        model = ChatGLMForConditionalGeneration(config)  # pre-quantized checkpoints: empty quantized layers
+    if quantize_bits:
         from .quantization import replace_with_empty_quantized
-        replace_with_empty_quantized(model, quantize)
-    expected = {k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"}
+        replace_with_empty_quantized(model, quantize_bits, embeddings=quantize_embeddings or None)
+    quantized_embeddings = bool(getattr(model.config, "quantization_embeddings", False))
+    # lm_head shares the embedding's tensors (tied, or the same quantized ones): never loaded on its own
+    expected = {k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq") and not k.startswith("lm_head.")}
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    loaded, shapes_wrong = set(), []
+    loaded, shapes_wrong, quantized_head = set(), [], {}
     for f in files:
         sd = read_state_dict(f)
         for key, t in sd.items():
-            if key.endswith("rotary_emb.inv_freq") or key == "lm_head.weight" or key not in expected:
+            if key.startswith("lm_head.") and (t.dtype == torch.int8 or key.endswith("_scale")):
+                quantized_head[key] = t  # an int4-qe file's copy of the embedding's tensors: compared below
+                continue
+            if key == "transformer.word_embeddings.weight_scale" and not quantized_embeddings:
+                shapes_wrong.append(f"{key}: the file's embedding is quantized, but config.json does not say "
+                                    f"quantization_embeddings: true")
+                continue
+            if key.endswith("rotary_emb.inv_freq") or key.startswith("lm_head.") or key not in expected:
                 continue  # recomputed / tied to the embedding / not ours (reported below if it matters)
             target = targets[key]
-            if quantize and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
+            if quantize_bits and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
                 from .quantization import quantize_weight
-                q, scale = quantize_weight(t, quantize)
+                q, scale = quantize_weight(t, quantize_bits)
                 _assign(model, key, q.to(device_of(key)))
                 _assign(model, key + "_scale", scale.to(device=device_of(key), dtype=scale_dtype))
                 loaded.update({key, key + "_scale"})
                 release_pages(t)
                 continue
-            if tuple(t.shape) != tuple(target.shape):
-                shapes_wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(target.shape)}")
+            if tuple(t.shape) != tuple(target.shape) or t.is_floating_point() != target.is_floating_point():
+                file_kind = "int8 (quantized)" if t.dtype == torch.int8 else str(t.dtype).replace("torch.", "")
+                model_kind = "int8 (quantized)" if target.dtype == torch.int8 else "floating point"
+                shapes_wrong.append(f"{key}: file {tuple(t.shape)} {file_kind}, model {tuple(target.shape)} "
+                                    f"{model_kind}")
                 continue
             target_dtype = scale_dtype if key.endswith(".weight_scale") else dtype
             source = t
@@ -281,6 +297,8 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
                              f"checkpoint is incomplete or not ChatGLM-6B. {HOW_TO_GET_WEIGHTS}")
     if prefix_missing:  # a new P-Tuning model: the prefix encoder starts from a fresh (fp32) initialisation
         model.transformer.prefix_encoder = PrefixEncoder(config).to(device_of("transformer.prefix_encoder"))
+    if quantized_embeddings:
+        _share_quantized_embedding(model, quantized_head, folder, dtype, device_of("transformer.word_embeddings"))
     for i, layer in enumerate(model.transformer.layers):
         rot = layer.attention.rotary_emb
         rot.inv_freq = rotary_inv_freq(rot.dim).half().to(device_of(f"transformer.layers.{i}"))
@@ -289,10 +307,30 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
         model.config.quantization_bit = quantize
     if dtype == torch.bfloat16 and device.type == "cpu" and not device_map and config.pre_seq_len is None:
         from .cpu_pack import pack_for_cpu
-        pack_for_cpu(model)  # oneDNN-packed weights: ~3x faster bf16 decoding on CPU, identical results
+        pack_for_cpu(model, release_dense=True)  # oneDNN-packed weights: faster bf16 decoding, identical results
+    if dtype == torch.bfloat16 and device.type == "cpu" and getattr(config, "quantization_bit", 0):
+        # repack quantized weights for the CPU kernel now (in place), not as a stall on the first reply (~3 s for 6B)
+        from .quantization import QuantizedLinear
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m._prepare_cpu_kernel()
     model.name_or_path = str(path)
     model.config._name_or_path = str(path)
     return model.eval()
+
+
+def _share_quantized_embedding(model, head_in_file: dict, folder: str, dtype, device):
+    """lm_head takes the loaded quantized embedding's Parameters (one matrix for both, as in chatglm-6b-int4-qe);
+    lookups produce the model's dtype. A file that stores lm_head's tensors too must store the same ones."""
+    embedding = model.transformer.word_embeddings.rebind(dtype, device)
+    mine = {"lm_head.weight": embedding.lm_head.int_weight(), "lm_head.weight_scale": embedding.weight_scale}
+    for key, t in head_in_file.items():
+        ours = mine.get(key)
+        if ours is None or not torch.equal(t.to(ours.device, ours.dtype), ours):
+            raise ModelLoadError(f"{key} in {folder} is not transformer.word_embeddings.{key[8:]}: with quantized "
+                                 f"embeddings (quantization_embeddings: true, as chatglm-6b-int4-qe) lm_head shares "
+                                 f"the embedding's tensors, so a file may only repeat them unchanged. Use the "
+                                 f"config.json and weights of one model download.")
 
 
 # ---- P-Tuning -----------------------------------------------------------------------------------------------------
@@ -321,9 +359,12 @@ def read_ptuning_checkpoint(folder: str):
 # ---- the one function every script uses -------------------------------------------------------------------------
 
 def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=None, pre_seq_len=None,
-               ptuning_checkpoint=None, prefix_projection=None, device_map=None):
+               ptuning_checkpoint=None, prefix_projection=None, device_map=None, quantize_embeddings=False):
     """(tokenizer, model) ready for chat. path: a local folder or hub id; None -> $CHATGLM_MODEL, else the demo
-    checkpoint (announced on stderr; model.is_demo is True). A path that does not load raises ModelLoadError."""
+    checkpoint (announced on stderr; model.is_demo is True). A path that does not load raises ModelLoadError.
+    quantize_embeddings (with quantize=4|8, or a pre-quantized checkpoint): the embedding and lm_head share one
+    quantized matrix, as in chatglm-6b-int4-qe (~0.8 GB less for INT4; outputs differ slightly from the official
+    INT4 model)."""
     is_demo = False
     if path is None:
         path = os.environ.get("CHATGLM_MODEL") or None
@@ -351,7 +392,8 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
         raise ModelLoadError(f"{os.path.join(folder, VOCAB_FILE)} has {tokenizer.vocab_size} pieces but "
                              f"config.json's vocab_size is {config.vocab_size}: tokenizer and weights do not belong "
                              f"together. Download both from the same model repository.")
-    model = load_weights(folder, dtype=dtype, device=device, config=config, quantize=quantize, device_map=device_map)
+    model = load_weights(folder, dtype=dtype, device=device, config=config, quantize=quantize, device_map=device_map,
+                         quantize_embeddings=quantize_embeddings)
     if prefix is not None:
         from .ptuning import load_prefix_encoder
         load_prefix_encoder(model, prefix, source=ptuning_checkpoint)

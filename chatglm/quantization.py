@@ -10,12 +10,15 @@ Format (the same integers and scales as the original, see ../shared/golden/NOTES
   * state-dict keys `weight` (int8 [out, in] or packed [out, in/2]), `weight_scale` [out], `bias` [out].
 
 Kernels (a layer computes x @ (q * scale).T + bias; which one runs depends on device, dtype and rows):
-  * CPU, few rows (decoding): PyTorch's fused weight-only ops `_weight_int8pack_mm` and
-    `_weight_int4pack_mm_for_cpu` (vectorized for bfloat16 activations; plain loops for float32). INT4 weights are
-    repacked once, in place, into the layout of the CPU op, so no second copy is kept; `state_dict()` still
-    returns the official layout.
+  * CPU, few rows (decoding): PyTorch's fused weight-only ops `_weight_int4pack_mm_for_cpu` and
+    `_weight_int8pack_mm` (vectorized for bfloat16 activations; plain loops for float32). INT4 weights, and INT8
+    weights once a bfloat16 call decodes a single sequence, are repacked once into the layout of the INT4 op (INT8
+    as two nibbles per value, which that op reads faster than the INT8 op reads bytes), replacing the official
+    bytes, so no second copy is kept; `state_dict()` and everything else that shows the weight still give the
+    official layout.
   * CUDA, MPS, and many rows (prompts) on CPU: dequantize the weight on the fly and call F.linear (cuBLAS /
     Metal / oneDNN), which is what the original's CUDA kernels did too.
+`gather_rows(ids, dtype)` reads dequantized rows without dequantizing the matrix (embedding lookups over it).
 In float32 every path computes the original's numbers (the golden parity tests run both). Gradients reach the
 input (P-Tuning on a quantized base) without keeping dequantized weights alive.
 """
@@ -31,10 +34,18 @@ QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_
 
 # On CPU the fused ops win while the work is close to a matrix-vector product (decoding); for longer prompts,
 # dequantizing a few rows at a time and running the dense GEMM wins. Fused up to this many rows, per (activation
-# dtype, bits); crossovers measured on a 2-core AVX-512 machine with 16384 x 4096 and 4096 x 16384 weights
-# (bfloat16: INT8 ~24 rows, INT4 ~200 rows; float32, whose fused ops are plain loops: 1-2 rows). Other
-# activation dtypes always dequantize.
-FUSED_MAX_ROWS = {(torch.bfloat16, 8): 24, (torch.bfloat16, 4): 192, (torch.float32, 8): 1, (torch.float32, 4): 1}
+# dtype, bits). Crossovers measured on a 2-core AVX-512 machine (6B-geometry model, prefill of a prompt alternating
+# with decoding, and single 16384 x 4096 / 4096 x 16384 layers), bfloat16: INT8 ~24 rows from the official layout
+# (its own op) and ~28 once repacked for the INT4 op (see below); INT4 ~100 rows (it was ~200 before dequantizing
+# a repacked weight got 3x faster); float32, whose fused ops are plain loops: 1-2 rows. Other activation dtypes
+# always dequantize.
+FUSED_MAX_ROWS = {(torch.bfloat16, 8): 24, (torch.bfloat16, 4): 96, (torch.float32, 8): 1, (torch.float32, 4): 1}
+# INT8 weights can also run through the INT4 op (see "INT8 goes through the same op" below). That reads a one-row
+# product ~11% faster than `_weight_int8pack_mm` (two GLM blocks' INT8 linears, weights far bigger than the caches:
+# 10.6 vs 11.9 ms), equally fast at two rows, but its inner dimension is doubled, so from four rows on it is ~35%
+# slower (4 rows: 19.7 vs 14.4 ms). So only a call with at most this many rows (decoding one sequence) repacks an
+# INT8 weight for it; batched decoding keeps the official layout and the INT8 op.
+INT8_AS_INT4_REPACK_ROWS = 1
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
 
@@ -86,12 +97,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).view(packed.shape[0], -1)
 
 
-# ---- PyTorch's CPU INT4 layout -----------------------------------------------------------------------------------
+# ---- PyTorch's CPU INT4 op, and INT8 through it -----------------------------------------------------------------
 # `_weight_int4pack_mm_for_cpu` wants its weights repacked by `_convert_weight_to_int4pack_for_cpu`, whose layout
 # depends on the CPU (blocks of 64 output rows with AVX-512, 32 otherwise). We find the layout once by comparing
 # with that op, so we can convert both ways (the state dict must stay in the official layout) without keeping two
 # copies. Layout: rows in blocks of `block`; each block is stored input-column-major, block/2 bytes per column;
 # "halves" puts row j in the low and row block/2 + j in the high nibble of byte j, "pairs" rows 2j and 2j + 1.
+# A row count that is not a whole number of blocks is padded with zero rows (the op would store a short last block
+# differently); the padding is sliced off the output and never shown outside.
+#
+# INT8 goes through the same op, which reads weights faster than `_weight_int8pack_mm` (~40 vs ~33 GB/s here): an
+# int8 q is 16 * hi + lo with hi = q >> 4 in [-8, 7] and lo = q & 15 in [0, 15], so an [out, in] INT8 weight is
+# stored, in the same number of bytes, as the nibbles of an [out, 2 * in] matrix: hi + 8 in the first `in` columns,
+# lo in the last. Then x @ q.T = cat([x, x]) @ [16 * hi, lo].T, where the op's per-group scale 16 (hi groups) and
+# zero +8 (lo groups) undo the split: every step is exact in float32, which the op accumulates in.
 _CPU_LAYOUTS = [(block, style) for block in (64, 32, 16) for style in ("halves", "pairs")]
 
 
@@ -104,12 +123,106 @@ def _to_cpu_layout(unsigned: torch.Tensor, block: int, style: str) -> torch.Tens
     return (v[..., 0] | (v[..., 1] << 4)).contiguous().view(n, k // 2)
 
 
-def _from_cpu_layout(packed: torch.Tensor, k: int, block: int, style: str) -> torch.Tensor:
-    n = packed.shape[0]
-    p = packed.view(n // block, k, block // 2)
-    v = torch.stack([p & 0xF, p >> 4], dim=-1)  # [nb, k, block/2, 2]
-    v = v.permute(0, 3, 2, 1) if style == "halves" else v.permute(0, 2, 3, 1)
-    return v.reshape(n, k)
+def _pack_blocks(official: torch.Tensor, bits: int, block: int, style: str,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Official rows (a whole number of blocks; int8 [rows, in] or INT4 packed [rows, in/2]) -> the CPU op's layout
+    (_to_cpu_layout of the unsigned nibbles u that the op reads as u - 8), uint8 [rows, k/2] with k = in (INT4) or
+    2 * in (INT8: hi + 8, then lo, see above), written into `out` if given. Byte-wise work on the official bytes,
+    then one transposing copy."""
+    b = official.view(torch.uint8)
+    rows, cols = b.shape
+    half = block // 2
+    if style == "halves":
+        v = b.view(rows // block, 2, half, cols)
+    else:
+        v = b.view(rows // block, half, 2, cols).transpose(1, 2)
+    low, high = v[:, 0], v[:, 1]  # [blocks, half, cols]: the rows that go to low / high nibbles
+    # (x >> 4) ^ 8 is a signed high nibble + 8; INT4's low nibble is signed too (+8), INT8's lo is stored as is
+    first = ((low >> 4) | (high & 0xF0)) ^ 0x88  # INT8: the hi columns; INT4: even columns
+    second = (low & 0xF) | (high << 4)  # INT8: the lo columns; INT4: odd columns
+    if out is None:
+        out = torch.empty(rows, cols, dtype=torch.uint8, device=b.device)
+    if bits == 4:
+        second ^= 0x88
+        blocks = out.view(rows // block, cols, 2, half)
+        _copy_transposed(blocks[:, :, 0], first)
+        _copy_transposed(blocks[:, :, 1], second)
+    else:
+        blocks = out.view(rows // block, 2, cols, half)
+        _copy_transposed(blocks[:, 0], first)
+        _copy_transposed(blocks[:, 1], second)
+    return out
+
+
+def _copy_transposed(dst: torch.Tensor, src: torch.Tensor):
+    """dst.copy_(src.transpose(1, 2)) for a contiguous src [n, a, b]. Read straight, src's rows lie b bytes apart,
+    and with b a power of two (2048..16384 here) every column read lands in the same cache sets; reading from a
+    copy whose rows are padded by 64 bytes runs 2-4x faster."""
+    n, a, b = src.shape
+    staged = torch.empty(n, a, b + 64, dtype=src.dtype, device=src.device)[..., :b]
+    staged.copy_(src)
+    dst.copy_(staged.transpose(1, 2))
+
+
+def _values_from_nibbles(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned nibbles of rows [rows, k] -> their integers, int8 [rows, in]."""
+    if bits == 4:
+        return u.view(torch.int8) - 8
+    half = u.shape[1] // 2
+    return (((u[:, :half] ^ 8) << 4) | u[:, half:]).view(torch.int8)
+
+
+def _block_values(packed: torch.Tensor, bits: int, in_features: int, block: int):
+    """Integers of whole row blocks of a repacked weight, in stored order: (the rows kept in low nibbles, the rows
+    kept in high nibbles), each int8 [blocks, in, block/2]. Byte-wise work only; no reordering (that is slow)."""
+    if bits == 4:
+        # u ^ 8 read as a 4-bit two's complement number is u - 8: sign-extend each nibble of the flipped bytes
+        x = (packed ^ 0x88).view(torch.int8).view(-1, in_features, block // 2)
+        return (x << 4) >> 4, x >> 4
+    p = packed.view(-1, 2 * in_features, block // 2)
+    hi, lo = p[:, :in_features], p[:, in_features:]
+    # the official byte of q is ((u_hi ^ 8) << 4) | u_lo: build it for both rows of every byte at once
+    low_rows = ((hi << 4) | (lo & 0xF)) ^ 0x80
+    high_rows = ((hi & 0xF0) | (lo >> 4)) ^ 0x80
+    return low_rows.view(torch.int8), high_rows.view(torch.int8)
+
+
+def _row_major(low_rows: torch.Tensor, high_rows: torch.Tensor, style: str) -> torch.Tensor:
+    """_block_values -> int8 [rows, in] in row order."""
+    blocks, k, half = low_rows.shape
+    out = torch.empty(blocks, 2, half, k, dtype=torch.int8, device=low_rows.device)
+    low, high = (out[:, 0], out[:, 1]) if style == "halves" else (out.view(blocks, half, 2, k).unbind(2))
+    low.copy_(low_rows.transpose(1, 2))
+    high.copy_(high_rows.transpose(1, 2))
+    return out.view(-1, k)
+
+
+def _column_major(low_rows: torch.Tensor, high_rows: torch.Tensor, style: str, dtype,
+                  buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """_block_values -> [in, rows] in `dtype` (written into `buffer` if given): the transposed integer matrix. It
+    needs no byte-wise transpose (the copy moves runs of block/2 values), so a GEMM on it starts far sooner than on
+    the row-major matrix."""
+    blocks, k, half = low_rows.shape
+    if buffer is None:
+        out = torch.empty(k, blocks, 2, half, dtype=dtype, device=low_rows.device)
+    else:
+        out = buffer.view(-1)[:k * blocks * 2 * half].view(k, blocks, 2, half)
+    low, high = (out[:, :, 0], out[:, :, 1]) if style == "halves" else out.view(k, blocks, half, 2).unbind(3)
+    low.copy_(low_rows.permute(1, 0, 2))
+    high.copy_(high_rows.permute(1, 0, 2))
+    return out.view(k, -1)
+
+
+def _whole_blocks(rows: int, block: int) -> int:
+    return -(-rows // block) * block
+
+
+def _stamp(t: torch.Tensor):
+    """What changes when a tensor's contents are written or replaced (inference tensors have no version)."""
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:
+        return None, t.data_ptr()
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,7 +266,19 @@ def _scales_and_zeros(scale: torch.Tensor, in_features: int, group: int, dtype) 
 def _unit_scales_and_zeros(in_features: int, out_features: int, group: int, dtype) -> torch.Tensor:
     # Shared by every layer of this shape: the CPU op multiplies by 1 and we apply the row scales to its output,
     # which costs nothing measurable and saves a per-layer table (~3 MB per 6B block, 86 MB in all).
-    return _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
+    with torch.inference_mode(False):
+        return _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_pair_scales_and_zeros(in_features: int, out_features: int, group: int, dtype) -> torch.Tensor:
+    # INT8 as hi / lo nibbles (see above), shared like the unit table: (u - 8) * 16 for the `in` hi columns,
+    # (u - 8) * 1 + 8 for the `in` lo columns; the row scales again go on the output
+    with torch.inference_mode(False):
+        hi = _scales_and_zeros(torch.full((out_features,), 16.0), in_features, group, dtype)
+        lo = _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
+        lo[..., 1] = 8
+        return torch.cat([hi, lo]).contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,7 +301,7 @@ class _QuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return layer._matmul(x)
+        return layer._matmul(x, with_bias=False)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -187,10 +312,12 @@ class _QuantizedMatmul(torch.autograd.Function):
 class QuantizedLinear(nn.Module):
     """A frozen linear layer with weight-only INT8/INT4 weights in the official format (see module docstring).
 
-    `weight` holds the official bytes, except for INT4 after a fused CPU forward: it then holds the same values
-    repacked (uint8) for PyTorch's CPU op. `state_dict()`, `int_weight()` and moving or casting the module always
-    give / restore the official layout. `weight_scale` stays float16 in bfloat16 models, so saving such a model
-    writes the original's scales."""
+    `weight` holds the official bytes, except after a fused CPU forward (INT4; INT8 once a one-row bfloat16 call
+    ran): it then holds the same values repacked (uint8) for PyTorch's CPU INT4 op, with zero rows added up to a
+    whole number of the op's row blocks where out_features is not one. `state_dict()`, `int_weight()`, `int_values()`,
+    `gather_rows()`, `dequantized_weight()` and moving or casting the module always give / restore the official
+    layout and shape. `weight_scale` stays float16 in bfloat16 models, so saving such a model writes the original's
+    scales."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -210,7 +337,8 @@ class QuantizedLinear(nn.Module):
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=scale_dtype),
                                          requires_grad=False)
-        self._repacked_as = None  # (Parameter, version) of a weight repacked for the CPU INT4 op
+        self._repacked_as = None  # (Parameter, _stamp) of a weight repacked for the CPU INT4 op
+        self._cast = None  # see _call_state
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
@@ -228,38 +356,73 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"bias={self.bias is not None}")
 
-    # -- official <-> CPU-kernel layout (INT4 on CPU only) --
+    # -- official <-> CPU-kernel layout --
     def _repacked(self) -> bool:
-        r = self._repacked_as
-        return r is not None and r[0] is self.weight and r[1] == self.weight._version
+        r, w = self._repacked_as, self.weight
+        return r is not None and r[0] is w and r[1] == _stamp(w)
+
+    def _nibble_columns(self) -> int:
+        return self.in_features if self.bits == 4 else 2 * self.in_features
+
+    def _rows_per_chunk(self, block: int) -> int:
+        # conversions work on a few MB at a time, so repacking a big weight (a quantized lm_head) adds little memory
+        return max(block, DEQUANT_CHUNK_ELEMENTS // self._nibble_columns() // block * block)
+
+    def _repacked_blocks(self, start: int, stop: int):
+        """(_block_values of the whole row blocks that hold rows [start, stop) of the repacked weight, offset of
+        row `start` in them)."""
+        block = cpu_int4_layout()[0]
+        first, last = start // block * block, min(_whole_blocks(stop, block), self.weight.shape[0])
+        return _block_values(self.weight.detach()[first:last], self.bits, self.in_features, block), start - first
 
     def int_weight(self) -> torch.Tensor:
         """The weight in the official layout (int8 [out, in], or packed int8 [out, in/2] for INT4)."""
         if not self._repacked():
             return self.weight.detach()
-        return pack_int4(self.int_values())
+        cols = self.in_features if self.bits == 8 else self.in_features // 2
+        official = torch.empty(self.out_features, cols, dtype=torch.int8, device=self.weight.device)
+        step = self._rows_per_chunk(cpu_int4_layout()[0])
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            q = self.int_values(start, stop)
+            official[start:stop] = q if self.bits == 8 else pack_int4(q)
+        return official
 
     def _restore_official_layout(self):
         if self._repacked():
-            with torch.inference_mode(False), torch.no_grad():
+            # the swap happens in the weight's own mode (a layer built under inference_mode stays consistent)
+            with torch.inference_mode(self.weight.is_inference()), torch.no_grad():
                 self.weight.data = self.int_weight()
         self._repacked_as = None
 
-    def _prepare_cpu_int4(self) -> bool:
-        """Repack INT4 weights for the CPU op (once; in place, so memory does not grow). False if not possible."""
+    def _prepare_cpu_kernel(self) -> bool:
+        """Repack the weight for the CPU INT4 op: once, into a tensor of the same size (plus any padding rows) that
+        replaces the official one, so memory does not grow. False where this machine or this shape does not allow
+        it."""
         if self._repacked():
             return True
         layout = cpu_int4_layout()
-        if layout is None or _group_size(self.in_features) is None or self.out_features % layout[0]:
+        w = self.weight
+        if layout is None or _group_size(self.in_features) is None or w.dtype != torch.int8 or w.device.type != "cpu":
             return False
-        with torch.inference_mode(False), torch.no_grad():
-            unsigned = (unpack_int4(self.weight.detach()) + 8).to(torch.uint8)
-            self.weight.data = _to_cpu_layout(unsigned, *layout)
-        self._repacked_as = (self.weight, self.weight._version)
+        rows = _whole_blocks(self.out_features, layout[0])
+        step = self._rows_per_chunk(layout[0])
+        with torch.inference_mode(w.is_inference()), torch.no_grad():
+            official = w.detach()
+            packed = torch.empty(rows, self._nibble_columns() // 2, dtype=torch.uint8)
+            for start in range(0, rows, step):
+                part = official[start:start + step]
+                missing = min(step, rows - start) - part.shape[0]
+                if missing:  # padding: zero rows (the zero bytes are zeros in both formats)
+                    part = torch.cat([part, part.new_zeros(missing, part.shape[1])])
+                _pack_blocks(part, self.bits, *layout, out=packed[start:start + part.shape[0]])
+            w.data = packed
+        self._repacked_as = (w, _stamp(w))
         return True
 
     def _apply(self, fn, recurse=True):
         self._restore_official_layout()  # moves and casts see (and keep) the official format
+        self._cast = None
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -269,43 +432,146 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._restore_official_layout()
+        self._cast = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- compute --
     def int_values(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """The integers of output rows [start, stop) as int8 [rows, in] (INT4 unpacked). When the weight is repacked
-        for the CPU op, start and stop must be multiples of its row block (64 with AVX-512)."""
-        w = self.weight.detach()[start:stop]
-        if self.bits == 8:
-            return w
+        """The integers of output rows [start, stop) as int8 [rows, in] (INT4 unpacked), from either layout."""
+        start, stop, _ = slice(start, stop).indices(self.out_features)
+        stop = max(start, stop)
         if self._repacked():
-            block, style = cpu_int4_layout()
-            return _from_cpu_layout(w, self.in_features, block, style).view(torch.int8) - 8
-        return unpack_int4(w)
+            values, offset = self._repacked_blocks(start, stop)
+            return _row_major(*values, cpu_int4_layout()[1])[offset:offset + stop - start]
+        w = self.weight.detach()[start:stop]
+        return w if self.bits == 8 else unpack_int4(w)
 
     def dequantized_weight(self, dtype: torch.dtype, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """q * scale for output rows [start, stop), [rows, in] (exact in float32: an integer times an fp16 value)."""
         return self.int_values(start, stop).to(dtype) * self.weight_scale[start:stop].to(dtype)[:, None]
 
-    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        on_cpu = x2d.device.type == "cpu"
-        if on_cpu and x2d.shape[0] <= FUSED_MAX_ROWS.get((x2d.dtype, self.bits), -1):
-            if self.bits == 8 and cpu_int8_fused_ok():
-                return torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.weight,
-                                                          self.weight_scale.to(x2d.dtype))
-            if self.bits == 4 and self._prepare_cpu_int4():
-                group = _group_size(self.in_features)
-                unit = _unit_scales_and_zeros(self.in_features, self.out_features, group, x2d.dtype)
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), self.weight, group, unit)
-                return y.mul_(self.weight_scale.to(y.dtype))
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the dequantized weight, [*ids.shape, in_features] in `dtype`: the values of
+        dequantized_weight(dtype)[ids], read from those rows only (in either layout), e.g. for an embedding lookup
+        over this weight. Ids outside [0, out_features) raise IndexError."""
+        flat = ids.reshape(-1)
+        if flat.numel():
+            low, high = torch.aminmax(flat)
+            if low < 0 or high >= self.out_features:
+                raise IndexError(f"row ids must be in [0, {self.out_features}), got {int(low)}..{int(high)}")
+        w = self.weight.detach()
+        if self._repacked():
+            block, style = cpu_int4_layout()
+            half = block // 2
+            within = flat % block
+            if style == "halves":  # row j and block/2 + j share byte j of each column
+                byte, shift = within % half, (within // half) * 4
+            else:  # rows 2j and 2j + 1 share byte j
+                byte, shift = within // 2, (within % 2) * 4
+            blocks = w.view(-1, self._nibble_columns(), half)  # [blocks, column, byte]
+            u = (blocks[flat // block, :, byte] >> shift.to(torch.uint8)[:, None]) & 0xF
+            q = _values_from_nibbles(u, self.bits)
+        else:
+            q = w[flat] if self.bits == 8 else unpack_int4(w[flat])
+        rows = q.to(dtype) * self.weight_scale[flat].to(dtype)[:, None]
+        return rows.view(*ids.shape, self.in_features)
+
+    def _call_state(self, dtype: torch.dtype):
+        """(repacked, weight_scale and bias in `dtype`, the INT4 op's table and group size if repacked) for activations
+        of `dtype`. Cached, because converting the scales and looking things up on every call cost more than a small
+        layer's matrix-vector product; rebuilt when weight, weight_scale or bias are replaced, written or repacked."""
+        params = self._parameters
+        w, s, b = params["weight"], params["weight_scale"], params["bias"]
+        ws, ss, bs = _stamp(w), _stamp(s), None if b is None else _stamp(b)
+        c = self._cast
+        if (c is not None and c[0] is dtype and c[1] is w and c[2] == ws and c[3] is s and c[4] == ss and c[5] is b
+                and c[6] == bs):
+            return c[7]
+        repacked = self._repacked_as is not None and self._repacked_as[0] is w and self._repacked_as[1] == ws
+        table = group = None
+        if repacked:
+            group = _group_size(self.in_features)
+            tables = _unit_scales_and_zeros if self.bits == 4 else _int8_pair_scales_and_zeros
+            table = tables(self.in_features, w.shape[0], group, dtype)
+        with torch.inference_mode(False), torch.no_grad():
+            state = (repacked, s.detach().to(dtype), None if b is None else b.detach().to(dtype), table, group)
+        self._cast = (dtype, w, ws, s, ss, b, bs, state)
+        return state
+
+    def _fused_cpu(self, x2d: torch.Tensor, with_bias: bool) -> Optional[torch.Tensor]:
+        """x @ W.T (+ bias) by PyTorch's fused CPU ops where they serve this call (rows, dtype); else None."""
+        dtype, n = x2d.dtype, x2d.shape[0]
+        if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
+            return None
+        state = self._call_state(dtype)
+        if state[0]:  # repacked for the INT4 op
+            return self._int4_op(x2d, with_bias, state)
+        # INT4 repacks on its first fused call; INT8 only on a one-row call (see INT8_AS_INT4_REPACK_ROWS) or where
+        # the INT8 op is missing, and never for float32, which keeps its INT8 op and so its exact numbers
+        if self.bits == 4 or (dtype != torch.float32 and (n <= INT8_AS_INT4_REPACK_ROWS or not cpu_int8_fused_ok())):
+            if self._prepare_cpu_kernel():
+                return self._int4_op(x2d, with_bias, self._call_state(dtype))
+        if self.bits == 8 and cpu_int8_fused_ok():
+            _, scale, bias, _, _ = state
+            y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self._parameters["weight"], scale)
+            return y.add_(bias) if with_bias and bias is not None else y
+        return None
+
+    def _int4_op(self, x2d: torch.Tensor, with_bias: bool, state) -> torch.Tensor:
+        _, scale, bias, table, group = state
+        w = self._parameters["weight"]
+        x = x2d.contiguous() if self.bits == 4 else torch.cat([x2d, x2d], dim=1)  # INT8: the hi and lo halves
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, table)
+        padded = w.shape[0] != self.out_features
+        if padded:
+            y = y[:, :self.out_features]
+        if x2d.dtype == torch.float32 or not with_bias or bias is None:  # float32: the numerics it always had
+            y = y * scale if padded else y.mul_(scale)
+            return y.add_(bias) if with_bias and bias is not None else y
+        return torch.addcmul(bias, y, scale)  # one rounding to bfloat16 instead of two
+
+    def _int_columns(self, dtype: torch.dtype, start: int, stop: int,
+                     buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """int_values(start, stop).T in `dtype` (exact: |q| <= 128), from the repacked weight without the byte-wise
+        transpose that row order needs (see _column_major)."""
+        values, offset = self._repacked_blocks(start, stop)
+        return _column_major(*values, cpu_int4_layout()[1], dtype, buffer)[:, offset:offset + stop - start]
+
+    def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        dtype = x2d.dtype
+        # From a repacked weight, multiply by the transposed integers and scale the output: ~3x faster than making
+        # row-major weights. bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
+        # could overflow on the unscaled sums.
+        columns = self._repacked() and dtype == torch.bfloat16
+        scale = self._call_state(dtype)[1] if columns else None
         rows = DEQUANT_CHUNK_ELEMENTS // self.in_features // 64 * 64
-        if not on_cpu or rows == 0 or rows >= self.out_features:
-            return F.linear(x2d, self.dequantized_weight(x2d.dtype))
-        # CPU: dequantize a few MB of rows at a time; the allocator then reuses one small buffer instead of
-        # page-faulting in a fresh [out, in] tensor per call (which costs more than the GEMM itself)
-        y = torch.empty(x2d.shape[0], self.out_features, dtype=x2d.dtype)
+        if x2d.device.type != "cpu" or rows == 0 or rows >= self.out_features:
+            if columns:
+                return (x2d @ self._int_columns(dtype, 0, self.out_features)).mul_(scale)
+            return F.linear(x2d, self.dequantized_weight(dtype))
+        # CPU: dequantize a few MB of rows at a time into one buffer that every chunk reuses: a fresh [out, in] tensor,
+        # or fresh memory per chunk, is page-faulted in on each call, which costs more than the GEMM itself
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
+        buffer = torch.empty(self.in_features * rows, dtype=dtype)
         for start in range(0, self.out_features, rows):
-            y[:, start:start + rows] = x2d @ self.dequantized_weight(x2d.dtype, start, start + rows).T
+            stop = min(start + rows, self.out_features)
+            if columns:
+                torch.mul(x2d @ self._int_columns(dtype, start, stop, buffer), scale[start:stop],
+                          out=y[:, start:stop])
+            else:  # the values of dequantized_weight(dtype, start, stop): q.to(dtype) * scale.to(dtype)
+                w = buffer[:(stop - start) * self.in_features].view(stop - start, self.in_features)
+                w.copy_(self.int_values(start, stop)).mul_(self.weight_scale[start:stop].to(dtype)[:, None])
+                y[:, start:stop] = x2d @ w.T
+        return y
+
+    def _matmul(self, x2d: torch.Tensor, with_bias: bool) -> torch.Tensor:
+        if x2d.device.type == "cpu":
+            y = self._fused_cpu(x2d, with_bias)
+            if y is not None:
+                return y
+        y = self._dequantized_matmul(x2d)
+        if with_bias and self.bias is not None:
+            y = y.add_(self._call_state(y.dtype)[2])
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,12 +580,11 @@ class QuantizedLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _QuantizedMatmul.apply(x2d, self)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
         else:
-            y = self._matmul(x2d)
-        y = y.view(*x.shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+            y = self._matmul(x2d, with_bias=True)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 # ---- whole models -----------------------------------------------------------------------------------------------
@@ -346,9 +611,45 @@ def _set_bits(model: nn.Module, bits: int):
         config.quantization_bit = bits
 
 
-def quantize_model(model: nn.Module, bits: int) -> nn.Module:
+def _embedding_slots(model: nn.Module):
+    """(ChatGLMModel, its word_embeddings, the model's lm_head) for embedding quantization."""
+    base = getattr(model, "transformer", model)
+    if not hasattr(base, "word_embeddings") or not hasattr(model, "lm_head"):
+        raise TypeError(f"{type(model).__name__} has no transformer.word_embeddings and lm_head: quantized embeddings "
+                        f"need ChatGLMForConditionalGeneration")
+    return base, base.word_embeddings, model.lm_head
+
+
+def _embedding_needs_quantizing(model: nn.Module, bits: int) -> bool:
+    """False if the embedding is quantized already (to these bits; other bits raise ValueError)."""
+    from .quantized_embedding import QuantizedEmbedding
+    embedding = _embedding_slots(model)[1]
+    if isinstance(embedding, QuantizedEmbedding):
+        if embedding.bits != bits:
+            raise ValueError(f"the embeddings are already quantized to {embedding.bits} bits; load the FP16 "
+                             f"checkpoint again to quantize them to {bits} bits")
+        return False
+    return True
+
+
+def _install_quantized_embedding(model: nn.Module, quantized) -> None:
+    """The QuantizedEmbedding replaces the embedding, and its QuantizedLinear the lm_head."""
+    base = _embedding_slots(model)[0]
+    base.word_embeddings, model.lm_head = quantized, quantized.lm_head
+    # save_pretrained writes the shared tensors once, under the embedding's names, as for the tied FP16 model (its
+    # own tied-weight check cannot see the sharing once the CPU kernel has repacked them in memory)
+    ignored = list(getattr(model, "_keys_to_ignore_on_save", None) or [])
+    model._keys_to_ignore_on_save = ignored + [k for k in ("lm_head.weight", "lm_head.weight_scale")
+                                               if k not in ignored]
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.quantization_embeddings = True
+
+
+def quantize_model(model: nn.Module, bits: int, embeddings: bool = False) -> nn.Module:
     """Quantize the four linears of every block in place (one at a time, so memory only shrinks); returns model.
-    Quantizing again to the same bits does nothing; to other bits raises ValueError."""
+    embeddings=True also quantizes the word embeddings, which lm_head then shares (chatglm-6b-int4-qe's format, see
+    quantized_embedding.py). Quantizing again to the same bits does nothing; to other bits raises ValueError."""
     bits = check_bits(bits)
     for parent, name, module in _linear_slots(model):
         if isinstance(module, QuantizedLinear):
@@ -358,19 +659,31 @@ def quantize_model(model: nn.Module, bits: int) -> nn.Module:
             continue
         if module.weight.is_meta:
             raise ValueError("the model's weights are not loaded (meta tensors); load the checkpoint first")
-        setattr(parent, name, QuantizedLinear.from_linear(module, bits))
+    if embeddings and _embedding_needs_quantizing(model, bits):
+        from .quantized_embedding import QuantizedEmbedding
+        _, embedding, head = _embedding_slots(model)
+        if getattr(head, "weight", None) is not embedding.weight:
+            raise ValueError("lm_head is not tied to transformer.word_embeddings, so they cannot share one quantized "
+                             "matrix; quantize without embeddings")
+        if embedding.weight.is_meta:
+            raise ValueError("the model's weights are not loaded (meta tensors); load the checkpoint first")
+        _install_quantized_embedding(model, QuantizedEmbedding.from_embedding(embedding, bits))
+    for parent, name, module in _linear_slots(model):
+        if not isinstance(module, QuantizedLinear):
+            setattr(parent, name, QuantizedLinear.from_linear(module, bits))
     _set_bits(model, bits)
     return model
 
 
-def replace_with_empty_quantized(model: nn.Module, bits: int) -> nn.Module:
+def replace_with_empty_quantized(model: nn.Module, bits: int, embeddings: Optional[bool] = None) -> nn.Module:
     """Swap in empty QuantizedLinear layers (same device and dtype as the linears they replace), ready for the
-    official pre-quantized state dict (config.quantization_bit) to be loaded into them; returns model."""
+    official pre-quantized state dict (config.quantization_bit) to be loaded into them; returns model.
+    embeddings (default: config.quantization_embeddings) also swaps in an empty QuantizedEmbedding shared with
+    lm_head, for checkpoints like chatglm-6b-int4-qe."""
     bits = check_bits(bits)
-    if getattr(getattr(model, "config", None), "quantization_embeddings", False):
-        raise NotImplementedError("checkpoints with quantized embeddings (quantization_embeddings: true, e.g. "
-                                  "chatglm-6b-int4-qe) are not supported; use chatglm-6b-int4 or quantize the FP16 "
-                                  "checkpoint with --quantize 4")
+    if embeddings is None:
+        embeddings = bool(getattr(getattr(model, "config", None), "quantization_embeddings", False))
+    embeddings = embeddings and _embedding_needs_quantizing(model, bits)
     for parent, name, module in _linear_slots(model):
         if isinstance(module, QuantizedLinear):
             if module.bits != bits:
@@ -379,6 +692,10 @@ def replace_with_empty_quantized(model: nn.Module, bits: int) -> nn.Module:
         setattr(parent, name, QuantizedLinear(module.in_features, module.out_features, bits,
                                               bias=module.bias is not None, device=module.weight.device,
                                               dtype=module.weight.dtype))
+    if embeddings:
+        from .quantized_embedding import QuantizedEmbedding
+        e = _embedding_slots(model)[1]
+        _install_quantized_embedding(model, QuantizedEmbedding(e.num_embeddings, e.embedding_dim, bits,
+                                                               device=e.weight.device, dtype=e.weight.dtype))
     _set_bits(model, bits)
     return model
-

@@ -225,27 +225,22 @@ def test_folder_without_prefix_weights_is_not_a_ptuning_checkpoint(demo_model_pa
         load_model(demo_model_path, ptuning_checkpoint=demo_model_path)
 
 
-def test_embedding_quantized_checkpoints_are_refused_clearly(demo_copy):
-    cfg = json.loads((demo_copy / "config.json").read_text())
-    cfg.update(quantization_bit=4, quantization_embeddings=True)
-    (demo_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="chatglm-6b-int4-qe.*not supported.*chatglm-6b-int4"):
-        load_model(str(demo_copy))
-
-
 def test_bfloat16_cpu_weights_are_packed_without_changing_results_or_the_state_dict(demo_model_path, tmp_path):
-    from chatglm.cpu_pack import PackedLinear, available, unpack
+    from chatglm.cpu_pack import PackedLinear, PackedTiedEmbedding, available, unpack
     if not available():
         pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
     tok, packed = load_model(demo_model_path, device="cpu", dtype="bfloat16")
     assert isinstance(packed.transformer.layers[0].mlp.dense_h_to_4h, PackedLinear)
+    assert isinstance(packed.transformer.word_embeddings, PackedTiedEmbedding)  # lm_head reads the packed matrix
+    assert packed.lm_head.weight is packed.transformer.word_embeddings.weight  # still one (tied) matrix
     ids = tok(["你好，请介绍一下你自己"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         fast = packed(input_ids=ids).logits
     state = packed.state_dict()
     reply = packed.chat(tok, "你好", do_sample=False, max_length=64)[0]
     plain = unpack(load_model(demo_model_path, device="cpu", dtype="bfloat16")[1])
-    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert not any(isinstance(m, (PackedLinear, PackedTiedEmbedding)) for m in plain.modules())
+    assert plain.lm_head.weight is plain.transformer.word_embeddings.weight
     with torch.no_grad():
         assert torch.equal(fast, plain(input_ids=ids).logits)  # the same kernels' arithmetic, bit for bit
     assert plain.chat(tok, "你好", do_sample=False, max_length=64)[0] == reply
@@ -262,14 +257,35 @@ def test_bfloat16_cpu_weights_are_packed_without_changing_results_or_the_state_d
 
 
 def test_training_a_packed_bfloat16_model_gets_trainable_parameters_back(demo_model_path):
-    from chatglm.cpu_pack import PackedLinear
+    from chatglm.cpu_pack import PackedLinear, PackedTiedEmbedding
     tok, model = load_model(demo_model_path, device="cpu", dtype="bfloat16")
     n_inference = sum(p.numel() for p in model.parameters())
     model.train()
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert not any(isinstance(m, (PackedLinear, PackedTiedEmbedding)) for m in model.modules())
     params = dict(model.named_parameters())
     assert sum(p.numel() for p in params.values()) > n_inference
     assert params["transformer.layers.0.mlp.dense_h_to_4h.weight"].requires_grad
+    assert model.lm_head.weight is params["transformer.word_embeddings.weight"]  # tied again
     ids = torch.tensor([tok.encode("你好")])
     model(input_ids=ids, labels=ids).loss.backward()
     assert params["transformer.layers.0.mlp.dense_h_to_4h.weight"].grad is not None
+    assert params["transformer.word_embeddings.weight"].grad is not None
+
+
+@pytest.mark.parametrize("chunk_rows", [64, 192, 100])
+def test_packed_embedding_rows_and_logits_are_exact_across_chunks(demo_model_path, monkeypatch, chunk_rows):
+    """The tied matrix is packed in row chunks and embedding rows are read from the packed buffers: every id must
+    give its exact row, and logits must span all chunks in order (6B's vocab is 16 chunks; the demo's, 5-13)."""
+    from chatglm import cpu_pack
+    if not cpu_pack.available():
+        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
+    monkeypatch.setattr(cpu_pack, "HEAD_CHUNK_ROWS", chunk_rows)
+    _, model = load_model(demo_model_path, device="cpu", dtype="bfloat16")
+    embedding = model.transformer.word_embeddings
+    assert isinstance(embedding, cpu_pack.PackedTiedEmbedding) and len(embedding.chunks) > 4
+    dense = embedding.weight.clone()
+    everything = torch.arange(dense.shape[0]).flip(0).view(4, -1)
+    with torch.no_grad():
+        assert torch.equal(embedding(everything), dense[everything])
+        x = torch.randn(2, 3, dense.shape[1]).bfloat16()
+        assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, dense))

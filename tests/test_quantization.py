@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import GOLDEN, ROOT, load_golden
 
-from chatglm.quantization import (QUANTIZED_LINEARS, QuantizedLinear, quantize_model, quantize_weight,
+from chatglm.quantization import (QUANTIZED_LINEARS, QuantizedLinear, quantize_model, quantize_weight, unpack_int4,
                                   replace_with_empty_quantized)
 
 LOGIT_TOL = 1e-3  # the golden README's bar for fp32 on CPU
@@ -419,3 +419,266 @@ def test_quantized_models_default_to_bfloat16_on_cpu_with_exact_scales(demo_mode
     _, model32 = load_model(demo_model_path, device="cpu", quantize=4, dtype="float32")
     assert model32.transformer.layers[0].attention.query_key_value.weight_scale.dtype == torch.float32
     assert torch.equal(layer.weight_scale.float(), model32.transformer.layers[0].attention.query_key_value.weight_scale)
+
+
+# ---- CPU kernels: INT8 through the INT4 op, row blocks padded, row gathers, cached scales -------------------------
+
+def bf16_layer(bits, out_features, in_features=256, seed=0):
+    """(a QuantizedLinear as a bfloat16 model holds it: float16 scales, bfloat16 bias; its official weight bytes;
+    its exact float32 weight q * scale)."""
+    _, layer = random_layer(bits, out_features=out_features, in_features=in_features, seed=seed)
+    layer.bias = nn.Parameter(layer.bias.detach().bfloat16(), requires_grad=False)
+    official = layer.weight.detach().clone()
+    q = official if bits == 8 else unpack_int4(official)
+    return layer, official, q.float() * layer.weight_scale.float()[:, None]
+
+
+def needs_cpu_int4_op():
+    from chatglm.quantization import cpu_int4_layout
+    if cpu_int4_layout() is None:
+        pytest.skip("this machine's PyTorch has no usable CPU INT4 op")
+
+
+def assert_bf16_product(y, x, exact, bias):
+    """y is x @ exact.T + bias up to a few bfloat16 roundings of the terms."""
+    ref = x.float() @ exact.T + bias.float()
+    bound = (x.float().abs() @ exact.abs().T) * 2 ** -7 + 1e-3
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert ((y.float() - ref).abs() <= bound).all(), (y.float() - ref).abs().max()
+
+
+@pytest.mark.parametrize("out_features", [192, 130])
+def test_int8_through_the_int4_kernel_matches_the_exact_product_for_every_fused_row_count(out_features):
+    """Decoding one sequence repacks INT8 weights as hi/lo nibbles for the INT4 op; every row count that then runs
+    fused (1..FUSED_MAX_ROWS), and the first above it, gives the exact product to bfloat16 accuracy."""
+    from chatglm.quantization import FUSED_MAX_ROWS
+    needs_cpu_int4_op()
+    layer, _, exact = bf16_layer(8, out_features)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        x = torch.randn(1, 256, generator=g).bfloat16()
+        assert_bf16_product(layer(x), x, exact, layer.bias)
+        assert layer.weight.dtype == torch.uint8, "a one-row bfloat16 call did not repack the INT8 weight"
+        for rows in range(1, FUSED_MAX_ROWS[torch.bfloat16, 8] + 2):
+            x = torch.randn(rows, 256, generator=g).bfloat16()
+            assert_bf16_product(layer(x), x, exact, layer.bias)
+        x = torch.randn(3, 1, 256, generator=g).bfloat16()  # batched decoding input shape
+        assert_bf16_product(layer(x).view(3, -1), x.view(3, -1), exact, layer.bias)
+
+
+def test_batched_decoding_and_float32_keep_int8_weights_official_for_the_int8_kernel():
+    """Several rows (the INT4 op would be slower there) and float32 (whose numbers must not change) use PyTorch's
+    INT8 op on the official layout; only a one-row bfloat16 call repacks."""
+    needs_cpu_int4_op()
+    layer, official, exact = bf16_layer(8, 192)
+    with torch.no_grad():
+        x = torch.randn(4, 256).bfloat16()
+        assert_bf16_product(layer(x), x, exact, layer.bias)
+        assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, official)
+        layer32 = copy.deepcopy(layer).float()
+        x32 = torch.randn(1, 256)
+        torch.testing.assert_close(layer32(x32), x32 @ exact.T + layer.bias.float(), rtol=1e-5, atol=1e-4)
+        assert layer32.weight.dtype == torch.int8
+        layer(x[:1])
+        assert layer.weight.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_features", [192, 130, 96])
+def test_state_dict_stays_official_and_byte_identical_after_a_fused_forward(bits, out_features):
+    """Also for row counts that are not whole blocks of the CPU op (130, 96 = 64 + 32 like the 130528-row vocab):
+    the repacked weight is padded, and the official shape and bytes come back everywhere they are exposed."""
+    needs_cpu_int4_op()
+    layer, official, exact = bf16_layer(bits, out_features)
+    scale, bias = layer.weight_scale.detach().clone(), layer.bias.detach().clone()
+    x = torch.randn(1, 256).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.weight.dtype == torch.uint8, "the CPU INT4 op did not run"
+    state = layer.state_dict()
+    assert list(state) == ["bias", "weight", "weight_scale"]
+    assert state["weight"].dtype == torch.int8 and state["weight"].shape == official.shape
+    assert torch.equal(state["weight"], official)
+    assert torch.equal(state["weight_scale"], scale) and torch.equal(state["bias"], bias)
+    assert torch.equal(layer.int_weight(), official)
+    values = official if bits == 8 else unpack_int4(official)
+    assert torch.equal(layer.int_values(), values)
+    for start, stop in [(0, 1), (3, 70), (64, out_features), (out_features - 5, None), (7, 7)]:
+        assert torch.equal(layer.int_values(start, stop), values[start:stop]), (start, stop)
+    assert torch.equal(layer.dequantized_weight(torch.float32), exact)
+    fresh = QuantizedLinear(256, out_features, bits, dtype=torch.bfloat16)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)  # the same bytes in, the same kernel, the same output
+    layer.load_state_dict(state)  # into a repacked layer: it goes back to the official layout first
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, official)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+    layer.float()  # moving / casting restores the official layout too
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, official)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prompts_after_decoding_multiply_by_the_repacked_weight_correctly(bits, chunked, monkeypatch):
+    """A long prompt after decoding (many rows: dequantize + GEMM) reads the repacked, padded weight, in row chunks
+    for big weights; bfloat16 and float32 both give the exact product to their accuracy."""
+    import chatglm.quantization as Q
+    needs_cpu_int4_op()
+    if chunked:
+        monkeypatch.setattr(Q, "DEQUANT_CHUNK_ELEMENTS", 64 * 256)  # chunks of 64 rows; the last one is 2 rows
+    layer, _, exact = bf16_layer(bits, 130)
+    x = torch.randn(2, 100, 256).bfloat16()
+    with torch.no_grad():
+        layer(x[0, :1])
+        assert layer.weight.dtype == torch.uint8
+        assert_bf16_product(layer(x).view(200, -1), x.view(200, -1), exact, layer.bias)
+        x32 = x.float()
+        torch.testing.assert_close(layer(x32), x32 @ exact.T + layer.bias.float(), rtol=1e-5, atol=1e-4)
+    assert layer.weight.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gradients_reach_the_input_through_repacked_weights(bits):
+    needs_cpu_int4_op()
+    layer, _, exact = bf16_layer(bits, 130)
+    with torch.no_grad():
+        layer(torch.randn(1, 256).bfloat16())
+    assert layer.weight.dtype == torch.uint8
+    x = torch.randn(1, 256).bfloat16().requires_grad_()
+    (layer(x).float() * torch.arange(130.0)).sum().backward()
+    want = torch.arange(130.0) @ exact
+    torch.testing.assert_close(x.grad.float(), want[None], rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_features", [192, 130, 96])
+def test_gather_rows_gives_the_exact_dequantized_rows_in_either_layout(bits, out_features):
+    """What a quantized embedding looks up: q[ids] * scale[ids], exactly in float32, in the shape of the ids, from the
+    official layout and from the repacked (padded) one alike; the same values as dequantized_weight in any dtype."""
+    needs_cpu_int4_op()
+    layer, _, exact = bf16_layer(bits, out_features)
+    ids = torch.tensor([[0, out_features - 1, 5, 5], [63, 64, out_features // 2, 1]])
+    for layout in ("official", "repacked"):
+        if layout == "repacked":
+            with torch.no_grad():
+                layer(torch.randn(1, 256).bfloat16())
+            assert layer.weight.dtype == torch.uint8
+        rows = layer.gather_rows(ids, torch.float32)
+        assert rows.shape == (2, 4, 256) and rows.dtype == torch.float32
+        assert torch.equal(rows, exact[ids]), layout
+        assert torch.equal(layer.gather_rows(ids[0, 1], torch.float32), exact[out_features - 1]), layout
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(layer.gather_rows(ids, dtype), layer.dequantized_weight(dtype)[ids]), (layout, dtype)
+        for bad in (out_features, -1):
+            with pytest.raises(IndexError):
+                layer.gather_rows(torch.tensor([2, bad]), torch.float32)
+
+
+def test_gather_rows_of_a_vocab_sized_int4_weight_stays_cheap():
+    """An INT4 lm_head over the 130528-token vocabulary (64 x 2039 + 32 rows: padded for the CPU op by 32 rows only)
+    serves a 512-token prompt's embedding lookup from its repacked weight without dequantizing the whole matrix."""
+    import time
+    needs_cpu_int4_op()
+    vocab, hidden = 130528, 4096
+    layer = QuantizedLinear(hidden, vocab, 4, bias=False, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.weight.view(torch.uint8).random_(generator=g)
+        layer.weight_scale.copy_(torch.rand(vocab, generator=g) * 0.01 + 1e-3)
+    ids = torch.randint(0, vocab, (1, 512), generator=g)
+    ids[0, :2] = torch.tensor([0, vocab - 1])
+    want = layer.gather_rows(ids, torch.float32)
+    assert torch.equal(want[0, 1], unpack_int4(layer.weight[-1:]).float()[0] * layer.weight_scale[-1].float())
+    official_bytes = layer.weight.untyped_storage().nbytes()
+    with torch.no_grad():
+        layer(torch.randn(1, hidden).bfloat16())  # repacks
+    assert layer.weight.dtype == torch.uint8
+    assert layer.weight.untyped_storage().nbytes() == official_bytes + 32 * hidden // 2
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        got = layer.gather_rows(ids, torch.bfloat16)
+        seconds.append(time.perf_counter() - start)
+    assert torch.equal(layer.gather_rows(ids, torch.float32), want)
+    assert got.shape == (1, 512, hidden)
+    assert min(seconds) < 0.1, seconds  # ~5 ms here; dequantizing all 535M weights takes seconds
+
+
+def held_bytes(module):
+    """Bytes of the distinct tensor storages a module's own attributes hold (parameters, buffers, caches)."""
+    storages = {}
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+    for value in vars(module).values():
+        walk(value)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_features", [192, 130])
+def test_repacking_keeps_a_single_copy_of_the_weight(bits, out_features):
+    from chatglm.quantization import cpu_int4_layout
+    needs_cpu_int4_op()
+    layer, official, _ = bf16_layer(bits, out_features, in_features=512)
+    block = cpu_int4_layout()[0]
+    padding = (-out_features % block) * official.shape[1]  # zero rows up to whole row blocks of the CPU op
+    before = held_bytes(layer)
+    with torch.no_grad():
+        layer(torch.randn(1, 512).bfloat16())
+        assert layer.weight.dtype == torch.uint8
+        assert layer.weight.untyped_storage().nbytes() == official.numel() + padding  # the same bytes, repacked
+        pointer = layer.weight.data_ptr()
+        for rows in (1, 2, 5, 1):
+            layer(torch.randn(rows, 512).bfloat16())
+        layer.state_dict(), layer.int_weight(), layer.gather_rows(torch.tensor([1, 2]), torch.float32)
+    assert layer.weight.data_ptr() == pointer  # repacked once
+    # the only other growth: a bfloat16 copy of the scales (2 bytes a row) and the op's table of unit scales, shared
+    # by all layers of this shape (16 bytes a row here); a second copy of the weight would be 256-512 bytes a row
+    rows = out_features + padding // official.shape[1]
+    assert held_bytes(layer) <= before + padding + 2 * out_features + 16 * rows
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float16])
+def test_changing_scales_or_bias_after_a_forward_takes_effect(bits, bias_dtype):
+    """The kernels keep the scales and bias converted to the activation dtype; writing or replacing those
+    Parameters, or loading a state dict, must not leave stale copies in use."""
+    layer, _, _ = bf16_layer(bits, 192)
+    layer.bias = nn.Parameter(layer.bias.detach().to(bias_dtype), requires_grad=False)
+    x = torch.randn(1, 256).bfloat16()
+    state = copy.deepcopy(layer.state_dict())
+    with torch.no_grad():
+        y = layer(x).float()
+        layer.weight_scale.mul_(2)
+        bias = layer.bias.float()
+        torch.testing.assert_close(layer(x).float(), 2 * (y - bias) + bias, rtol=2e-2, atol=2e-2)
+        layer.bias.zero_()
+        torch.testing.assert_close(layer(x).float(), 2 * (y - bias), rtol=2e-2, atol=2e-2)
+        layer.bias = nn.Parameter(torch.ones(192, dtype=bias_dtype), requires_grad=False)
+        torch.testing.assert_close(layer(x).float(), 2 * (y - bias) + 1, rtol=2e-2, atol=2e-2)
+        layer.load_state_dict(state)
+        assert torch.equal(layer(x).float(), y)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_without_a_usable_cpu_int4_op_layers_keep_the_official_layout(bits, monkeypatch):
+    """Where the layout probe fails (other CPUs / PyTorch builds), INT8 runs PyTorch's INT8 op and INT4 dequantizes;
+    results, state dict and row gathers are unchanged."""
+    import chatglm.quantization as Q
+    monkeypatch.setattr(Q, "cpu_int4_layout", lambda: None)
+    layer, official, exact = bf16_layer(bits, 130)
+    with torch.no_grad():
+        for rows in (1, 3, 40):
+            x = torch.randn(rows, 256).bfloat16()
+            assert_bf16_product(layer(x), x, exact, layer.bias)
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.state_dict()["weight"], official)
+    assert torch.equal(layer.gather_rows(torch.tensor([0, 129]), torch.float32), exact[[0, 129]])
