@@ -2,7 +2,8 @@
 
     python benchmarks/bench_attention.py                      # bf16, 32 heads x 128, keys 64 .. 2048
 
-One query (a decoding step) against T cached keys, ChatGLM-6B's 32 heads of 128. For 16-bit activations on CPU the
+One query (a decoding step) against T cached keys (views of a larger buffer, as the KV cache gives them), ChatGLM-6B's
+32 heads of 128. For 16-bit activations on CPU the
 model computes scores and softmax with two matmuls and an fp32 softmax instead of calling SDPA, whose fused kernel
 is slow for a single query; this prints both, with the largest difference from an fp32 reference, so the choice
 can be re-checked on another CPU or PyTorch. Median of --repeats timings, threads pinned.
@@ -46,7 +47,9 @@ def main():
     print(f"{args.dtype}, {args.threads} threads, 1 query x 32 heads x 128")
     print(f"{'keys':>6} | {'model path us':>13} | {'SDPA us':>8} | {'ratio':>5} | {'max err model':>13} | {'max err SDPA':>12}")
     for T in map(int, args.keys.split(",")):
-        q, k, v = (torch.randn(1, 32, n, 128, generator=g).to(dtype) for n in (1, T, T))
+        # keys and values are views of a bigger buffer, as the KV cache (chatglm/kv_cache.py) hands them out
+        q, k, v = (torch.randn(1, 32, n, 128, generator=g).to(dtype)[:, :, :m] for n, m in ((1, 1), (T + 256, T),
+                                                                                           (T + 256, T)))
         scale = 1 / math.sqrt(128)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
         with torch.inference_mode():

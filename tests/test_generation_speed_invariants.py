@@ -95,3 +95,23 @@ def test_decode_steps_extend_positions_without_rereading_the_ids(tok_model, monk
         hook.remove()
     assert len(fed) >= 2
     assert counts[3] == counts[16] <= 2  # per sequence (positions, mask), not per token
+
+
+def test_single_query_attention_in_16_bits_agrees_with_sdpa_on_cache_views_and_masks():
+    """A decoding step in bf16/fp16 on CPU skips SDPA (slow for one query) for two matmuls and an fp32 softmax; it must
+    give SDPA's float32 result to 16-bit precision, on keys/values that are views of a bigger cache buffer, with the
+    left-padding mask applied."""
+    from chatglm.modeling import attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k_buf, v_buf = torch.randn(2, 4, 48, 16, generator=g), torch.randn(2, 4, 48, 16, generator=g)
+    k, v = k_buf[:, :, :33], v_buf[:, :, :33]
+    mask = torch.zeros(2, 1, 1, 33, dtype=torch.bool)
+    mask[1, ..., :20] = True  # row 1 is left-padded: its first 20 keys are hidden
+    reference = attention(q, k, v, mask, 3)  # float32: the SDPA path
+    unmasked = attention(q, k, v, None, 3)
+    assert (reference[1] - unmasked[1]).abs().max() > 0.1  # the mask matters for this check
+    for dtype in (torch.bfloat16, torch.float16):
+        got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, 3)
+        assert got.dtype == dtype and got.shape == reference.shape
+        assert (got.float() - reference).abs().max() < 3e-2
