@@ -14,20 +14,23 @@ Kernels (a layer computes x @ (q * scale).T + bias; which one runs depends on de
     `_weight_int8pack_mm` (vectorized for bfloat16 activations; plain loops for float32). INT4 weights, and INT8
     weights once a bfloat16 call decodes a single sequence, are repacked once into the layout of the INT4 op (INT8
     as two nibbles per value, which that op reads faster than the INT8 op reads bytes), replacing the official
-    bytes, so no second copy is kept; `state_dict()` and everything else that shows the weight still give the
-    official layout.
+    bytes, so no second copy is kept (the layout code lives in chatglm/cpu_int4.py); `state_dict()` and everything
+    else that shows the weight still give the official layout.
   * CUDA, MPS, and many rows (prompts) on CPU: dequantize the weight on the fly and call F.linear (cuBLAS /
     Metal / oneDNN), which is what the original's CUDA kernels did too.
 `gather_rows(ids, dtype)` reads dequantized rows without dequantizing the matrix (embedding lookups over it).
 In float32 every path computes the original's numbers (the golden parity tests run both). Gradients reach the
 input (P-Tuning on a quantized base) without keeping dequantized weights alive.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu_int4 import (block_values, column_major, cpu_int4_layout, cpu_int8_fused_ok, group_size,
+                       int8_pair_scales_and_zeros, pack_blocks, row_major, unit_scales_and_zeros,
+                       values_from_nibbles, whole_blocks)
 
 # module paths inside model.transformer.layers[i]; every one is an nn.Linear with weight [out, in] and a bias
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -36,11 +39,11 @@ QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_
 # dequantizing a few rows at a time and running the dense GEMM wins. Fused up to this many rows, per (activation
 # dtype, bits). Crossovers measured on a 2-core AVX-512 machine (6B-geometry model, prefill of a prompt alternating
 # with decoding, and single 16384 x 4096 / 4096 x 16384 layers), bfloat16: INT8 ~24 rows from the official layout
-# (its own op) and ~28 once repacked for the INT4 op (see below); INT4 ~100 rows (it was ~200 before dequantizing
+# (its own op) and ~28 once repacked for the INT4 op (chatglm/cpu_int4.py); INT4 ~100 rows (it was ~200 before dequantizing
 # a repacked weight got 3x faster); float32, whose fused ops are plain loops: 1-2 rows. Other activation dtypes
 # always dequantize.
 FUSED_MAX_ROWS = {(torch.bfloat16, 8): 24, (torch.bfloat16, 4): 96, (torch.float32, 8): 1, (torch.float32, 4): 1}
-# INT8 weights can also run through the INT4 op (see "INT8 goes through the same op" below). That reads a one-row
+# INT8 weights can also run through the INT4 op (chatglm/cpu_int4.py). That reads a one-row
 # product ~11% faster than `_weight_int8pack_mm` (two GLM blocks' INT8 linears, weights far bigger than the caches:
 # 10.6 vs 11.9 ms), equally fast at two rows, but its inner dimension is doubled, so from four rows on it is ~35%
 # slower (4 rows: 19.7 vs 14.4 ms). So only a call with at most this many rows (decoding one sequence) repacks an
@@ -97,199 +100,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).view(packed.shape[0], -1)
 
 
-# ---- PyTorch's CPU INT4 op, and INT8 through it -----------------------------------------------------------------
-# `_weight_int4pack_mm_for_cpu` wants its weights repacked by `_convert_weight_to_int4pack_for_cpu`, whose layout
-# depends on the CPU (blocks of 64 output rows with AVX-512, 32 otherwise). We find the layout once by comparing
-# with that op, so we can convert both ways (the state dict must stay in the official layout) without keeping two
-# copies. Layout: rows in blocks of `block`; each block is stored input-column-major, block/2 bytes per column;
-# "halves" puts row j in the low and row block/2 + j in the high nibble of byte j, "pairs" rows 2j and 2j + 1.
-# A row count that is not a whole number of blocks is padded with zero rows (the op would store a short last block
-# differently); the padding is sliced off the output and never shown outside.
-#
-# INT8 goes through the same op, which reads weights faster than `_weight_int8pack_mm` (~40 vs ~33 GB/s here): an
-# int8 q is 16 * hi + lo with hi = q >> 4 in [-8, 7] and lo = q & 15 in [0, 15], so an [out, in] INT8 weight is
-# stored, in the same number of bytes, as the nibbles of an [out, 2 * in] matrix: hi + 8 in the first `in` columns,
-# lo in the last. Then x @ q.T = cat([x, x]) @ [16 * hi, lo].T, where the op's per-group scale 16 (hi groups) and
-# zero +8 (lo groups) undo the split: every step is exact in float32, which the op accumulates in.
-_CPU_LAYOUTS = [(block, style) for block in (64, 32, 16) for style in ("halves", "pairs")]
-
-
-def _to_cpu_layout(unsigned: torch.Tensor, block: int, style: str) -> torch.Tensor:
-    n, k = unsigned.shape
-    if style == "halves":
-        v = unsigned.view(n // block, 2, block // 2, k).permute(0, 3, 2, 1)
-    else:
-        v = unsigned.view(n // block, block // 2, 2, k).permute(0, 3, 1, 2)
-    return (v[..., 0] | (v[..., 1] << 4)).contiguous().view(n, k // 2)
-
-
-def _pack_blocks(official: torch.Tensor, bits: int, block: int, style: str,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Official rows (a whole number of blocks; int8 [rows, in] or INT4 packed [rows, in/2]) -> the CPU op's layout
-    (_to_cpu_layout of the unsigned nibbles u that the op reads as u - 8), uint8 [rows, k/2] with k = in (INT4) or
-    2 * in (INT8: hi + 8, then lo, see above), written into `out` if given. Byte-wise work on the official bytes,
-    then one transposing copy."""
-    b = official.view(torch.uint8)
-    rows, cols = b.shape
-    half = block // 2
-    if style == "halves":
-        v = b.view(rows // block, 2, half, cols)
-    else:
-        v = b.view(rows // block, half, 2, cols).transpose(1, 2)
-    low, high = v[:, 0], v[:, 1]  # [blocks, half, cols]: the rows that go to low / high nibbles
-    # (x >> 4) ^ 8 is a signed high nibble + 8; INT4's low nibble is signed too (+8), INT8's lo is stored as is
-    first = ((low >> 4) | (high & 0xF0)) ^ 0x88  # INT8: the hi columns; INT4: even columns
-    second = (low & 0xF) | (high << 4)  # INT8: the lo columns; INT4: odd columns
-    if out is None:
-        out = torch.empty(rows, cols, dtype=torch.uint8, device=b.device)
-    if bits == 4:
-        second ^= 0x88
-        blocks = out.view(rows // block, cols, 2, half)
-        _copy_transposed(blocks[:, :, 0], first)
-        _copy_transposed(blocks[:, :, 1], second)
-    else:
-        blocks = out.view(rows // block, 2, cols, half)
-        _copy_transposed(blocks[:, 0], first)
-        _copy_transposed(blocks[:, 1], second)
-    return out
-
-
-def _copy_transposed(dst: torch.Tensor, src: torch.Tensor):
-    """dst.copy_(src.transpose(1, 2)) for a contiguous src [n, a, b]. Read straight, src's rows lie b bytes apart,
-    and with b a power of two (2048..16384 here) every column read lands in the same cache sets; reading from a
-    copy whose rows are padded by 64 bytes runs 2-4x faster."""
-    n, a, b = src.shape
-    staged = torch.empty(n, a, b + 64, dtype=src.dtype, device=src.device)[..., :b]
-    staged.copy_(src)
-    dst.copy_(staged.transpose(1, 2))
-
-
-def _values_from_nibbles(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned nibbles of rows [rows, k] -> their integers, int8 [rows, in]."""
-    if bits == 4:
-        return u.view(torch.int8) - 8
-    half = u.shape[1] // 2
-    return (((u[:, :half] ^ 8) << 4) | u[:, half:]).view(torch.int8)
-
-
-def _block_values(packed: torch.Tensor, bits: int, in_features: int, block: int):
-    """Integers of whole row blocks of a repacked weight, in stored order: (the rows kept in low nibbles, the rows
-    kept in high nibbles), each int8 [blocks, in, block/2]. Byte-wise work only; no reordering (that is slow)."""
-    if bits == 4:
-        # u ^ 8 read as a 4-bit two's complement number is u - 8: sign-extend each nibble of the flipped bytes
-        x = (packed ^ 0x88).view(torch.int8).view(-1, in_features, block // 2)
-        return (x << 4) >> 4, x >> 4
-    p = packed.view(-1, 2 * in_features, block // 2)
-    hi, lo = p[:, :in_features], p[:, in_features:]
-    # the official byte of q is ((u_hi ^ 8) << 4) | u_lo: build it for both rows of every byte at once
-    low_rows = ((hi << 4) | (lo & 0xF)) ^ 0x80
-    high_rows = ((hi & 0xF0) | (lo >> 4)) ^ 0x80
-    return low_rows.view(torch.int8), high_rows.view(torch.int8)
-
-
-def _row_major(low_rows: torch.Tensor, high_rows: torch.Tensor, style: str) -> torch.Tensor:
-    """_block_values -> int8 [rows, in] in row order."""
-    blocks, k, half = low_rows.shape
-    out = torch.empty(blocks, 2, half, k, dtype=torch.int8, device=low_rows.device)
-    low, high = (out[:, 0], out[:, 1]) if style == "halves" else (out.view(blocks, half, 2, k).unbind(2))
-    low.copy_(low_rows.transpose(1, 2))
-    high.copy_(high_rows.transpose(1, 2))
-    return out.view(-1, k)
-
-
-def _column_major(low_rows: torch.Tensor, high_rows: torch.Tensor, style: str, dtype,
-                  buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """_block_values -> [in, rows] in `dtype` (written into `buffer` if given): the transposed integer matrix. It
-    needs no byte-wise transpose (the copy moves runs of block/2 values), so a GEMM on it starts far sooner than on
-    the row-major matrix."""
-    blocks, k, half = low_rows.shape
-    if buffer is None:
-        out = torch.empty(k, blocks, 2, half, dtype=dtype, device=low_rows.device)
-    else:
-        out = buffer.view(-1)[:k * blocks * 2 * half].view(k, blocks, 2, half)
-    low, high = (out[:, :, 0], out[:, :, 1]) if style == "halves" else out.view(k, blocks, half, 2).unbind(3)
-    low.copy_(low_rows.permute(1, 0, 2))
-    high.copy_(high_rows.permute(1, 0, 2))
-    return out.view(k, -1)
-
-
-def _whole_blocks(rows: int, block: int) -> int:
-    return -(-rows // block) * block
-
-
 def _stamp(t: torch.Tensor):
     """What changes when a tensor's contents are written or replaced (inference tensors have no version)."""
     try:
         return t._version, t.data_ptr()
     except RuntimeError:
         return None, t.data_ptr()
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_int4_layout() -> Optional[Tuple[int, str]]:
-    """(block, style) of this machine's CPU INT4 op, checked against the op on a probe; None if unavailable."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
-        reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-        for block, style in _CPU_LAYOUTS:
-            if torch.equal(_to_cpu_layout(probe.to(torch.uint8), block, style), reference):
-                # and the op computes (u - 8) * scale + zero as we assume
-                x = torch.randn(3, 64, generator=g).bfloat16()
-                scale = torch.rand(128, generator=g) * 0.1 + 0.01
-                scales_zeros = _scales_and_zeros(scale, 64, 64, torch.bfloat16)
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, reference, 64, scales_zeros)
-                w = (probe.float() - 8) * scale.bfloat16().float()[:, None]
-                if torch.allclose(y.float(), x.float() @ w.T, rtol=2e-2, atol=2e-2):
-                    return block, style
-                break
-    except (AttributeError, RuntimeError, NotImplementedError):
-        pass
-    return None
-
-
-def _group_size(in_features: int) -> Optional[int]:
-    # the CPU op takes groups of 32..256 columns; our one scale per row is repeated for every group
-    for g in (256, 128, 64, 32):
-        if in_features % g == 0:
-            return g
-    return None
-
-
-def _scales_and_zeros(scale: torch.Tensor, in_features: int, group: int, dtype) -> torch.Tensor:
-    n = scale.shape[0]
-    s = scale.to(dtype)[None, :, None].expand(in_features // group, n, 1)
-    return torch.cat([s, torch.zeros_like(s)], dim=-1).contiguous()  # [groups, out, (scale, zero)]
-
-
-@functools.lru_cache(maxsize=None)
-def _unit_scales_and_zeros(in_features: int, out_features: int, group: int, dtype) -> torch.Tensor:
-    # Shared by every layer of this shape: the CPU op multiplies by 1 and we apply the row scales to its output,
-    # which costs nothing measurable and saves a per-layer table (~3 MB per 6B block, 86 MB in all).
-    with torch.inference_mode(False):
-        return _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _int8_pair_scales_and_zeros(in_features: int, out_features: int, group: int, dtype) -> torch.Tensor:
-    # INT8 as hi / lo nibbles (see above), shared like the unit table: (u - 8) * 16 for the `in` hi columns,
-    # (u - 8) * 1 + 8 for the `in` lo columns; the row scales again go on the output
-    with torch.inference_mode(False):
-        hi = _scales_and_zeros(torch.full((out_features,), 16.0), in_features, group, dtype)
-        lo = _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
-        lo[..., 1] = 8
-        return torch.cat([hi, lo]).contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_int8_fused_ok() -> bool:
-    try:
-        q = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
-        x, s = torch.randn(2, 32).bfloat16(), torch.rand(8).bfloat16()
-        y = torch.ops.aten._weight_int8pack_mm(x, q, s)
-        return torch.allclose(y.float(), x.float() @ (q.float() * s.float()[:, None]).T, rtol=2e-2, atol=2e-2)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
 
 
 # ---- the layer --------------------------------------------------------------------------------------------------
@@ -369,11 +185,11 @@ class QuantizedLinear(nn.Module):
         return max(block, DEQUANT_CHUNK_ELEMENTS // self._nibble_columns() // block * block)
 
     def _repacked_blocks(self, start: int, stop: int):
-        """(_block_values of the whole row blocks that hold rows [start, stop) of the repacked weight, offset of
+        """(block_values of the whole row blocks that hold rows [start, stop) of the repacked weight, offset of
         row `start` in them)."""
         block = cpu_int4_layout()[0]
-        first, last = start // block * block, min(_whole_blocks(stop, block), self.weight.shape[0])
-        return _block_values(self.weight.detach()[first:last], self.bits, self.in_features, block), start - first
+        first, last = start // block * block, min(whole_blocks(stop, block), self.weight.shape[0])
+        return block_values(self.weight.detach()[first:last], self.bits, self.in_features, block), start - first
 
     def int_weight(self) -> torch.Tensor:
         """The weight in the official layout (int8 [out, in], or packed int8 [out, in/2] for INT4)."""
@@ -403,9 +219,9 @@ class QuantizedLinear(nn.Module):
             return True
         layout = cpu_int4_layout()
         w = self.weight
-        if layout is None or _group_size(self.in_features) is None or w.dtype != torch.int8 or w.device.type != "cpu":
+        if layout is None or group_size(self.in_features) is None or w.dtype != torch.int8 or w.device.type != "cpu":
             return False
-        rows = _whole_blocks(self.out_features, layout[0])
+        rows = whole_blocks(self.out_features, layout[0])
         step = self._rows_per_chunk(layout[0])
         with torch.inference_mode(w.is_inference()), torch.no_grad():
             official = w.detach()
@@ -415,7 +231,7 @@ class QuantizedLinear(nn.Module):
                 missing = min(step, rows - start) - part.shape[0]
                 if missing:  # padding: zero rows (the zero bytes are zeros in both formats)
                     part = torch.cat([part, part.new_zeros(missing, part.shape[1])])
-                _pack_blocks(part, self.bits, *layout, out=packed[start:start + part.shape[0]])
+                pack_blocks(part, self.bits, *layout, out=packed[start:start + part.shape[0]])
             w.data = packed
         self._repacked_as = (w, _stamp(w))
         return True
@@ -442,7 +258,7 @@ class QuantizedLinear(nn.Module):
         stop = max(start, stop)
         if self._repacked():
             values, offset = self._repacked_blocks(start, stop)
-            return _row_major(*values, cpu_int4_layout()[1])[offset:offset + stop - start]
+            return row_major(*values, cpu_int4_layout()[1])[offset:offset + stop - start]
         w = self.weight.detach()[start:stop]
         return w if self.bits == 8 else unpack_int4(w)
 
@@ -470,7 +286,7 @@ class QuantizedLinear(nn.Module):
                 byte, shift = within // 2, (within % 2) * 4
             blocks = w.view(-1, self._nibble_columns(), half)  # [blocks, column, byte]
             u = (blocks[flat // block, :, byte] >> shift.to(torch.uint8)[:, None]) & 0xF
-            q = _values_from_nibbles(u, self.bits)
+            q = values_from_nibbles(u, self.bits)
         else:
             q = w[flat] if self.bits == 8 else unpack_int4(w[flat])
         rows = q.to(dtype) * self.weight_scale[flat].to(dtype)[:, None]
@@ -490,8 +306,8 @@ class QuantizedLinear(nn.Module):
         repacked = self._repacked_as is not None and self._repacked_as[0] is w and self._repacked_as[1] == ws
         table = group = None
         if repacked:
-            group = _group_size(self.in_features)
-            tables = _unit_scales_and_zeros if self.bits == 4 else _int8_pair_scales_and_zeros
+            group = group_size(self.in_features)
+            tables = unit_scales_and_zeros if self.bits == 4 else int8_pair_scales_and_zeros
             table = tables(self.in_features, w.shape[0], group, dtype)
         with torch.inference_mode(False), torch.no_grad():
             state = (repacked, s.detach().to(dtype), None if b is None else b.detach().to(dtype), table, group)
@@ -533,9 +349,9 @@ class QuantizedLinear(nn.Module):
     def _int_columns(self, dtype: torch.dtype, start: int, stop: int,
                      buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
         """int_values(start, stop).T in `dtype` (exact: |q| <= 128), from the repacked weight without the byte-wise
-        transpose that row order needs (see _column_major)."""
+        transpose that row order needs (see column_major)."""
         values, offset = self._repacked_blocks(start, stop)
-        return _column_major(*values, cpu_int4_layout()[1], dtype, buffer)[:, offset:offset + stop - start]
+        return column_major(*values, cpu_int4_layout()[1], dtype, buffer)[:, offset:offset + stop - start]
 
     def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         dtype = x2d.dtype
