@@ -38,3 +38,28 @@ def demo_model_path() -> str:
     --model-path find the same one."""
     from chatglm.demo_checkpoint import ensure_demo_checkpoint
     return ensure_demo_checkpoint()
+
+
+@pytest.fixture
+def dequantized_copy():
+    """f(model) -> a deep copy whose quantized block linears are plain fp32 nn.Linear layers holding q * scale
+    (frozen): the dense reference a quantized model must agree with."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from chatglm.quantization import QUANTIZED_LINEARS
+
+    def make(model):
+        dense = copy.deepcopy(model)
+        for block in dense.transformer.layers:
+            for path in QUANTIZED_LINEARS:
+                parent_path, _, name = path.rpartition(".")
+                q = block.get_submodule(path)
+                lin = nn.Linear(q.in_features, q.out_features)
+                lin.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
+                lin.bias = nn.Parameter(q.bias.detach().float(), requires_grad=False)
+                setattr(block.get_submodule(parent_path), name, lin)
+        return dense
+    return make

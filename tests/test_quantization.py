@@ -306,21 +306,13 @@ def test_input_gradients_flow_through_quantized_layers_without_weight_gradients(
         assert all(p.grad is None for p in layer.parameters())
 
 
-def test_p_tuning_on_a_quantized_base_gets_the_same_prefix_gradients_as_dense_weights():
+def test_p_tuning_on_a_quantized_base_gets_the_same_prefix_gradients_as_dense_weights(dequantized_copy):
     from chatglm import load_model
     if not GOLDEN.is_dir():
         pytest.skip("golden data absent")
     tok, model = load_model(str(GOLDEN / "tiny"), device="cpu", pre_seq_len=8)
     model.quantize(4).eval()
-    dense = copy.deepcopy(model)
-    for block in dense.transformer.layers:
-        for path in QUANTIZED_LINEARS:
-            parent_path, _, name = path.rpartition(".")
-            q = block.get_submodule(path)
-            lin = nn.Linear(q.in_features, q.out_features)
-            lin.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
-            lin.bias = nn.Parameter(q.bias.detach().float(), requires_grad=False)
-            setattr(block.get_submodule(parent_path), name, lin)
+    dense = dequantized_copy(model)
     ids = torch.tensor([tok.encode("你好") + tok.encode("Hello world", add_special_tokens=False)])
     grads = []
     for m in (model, dense):

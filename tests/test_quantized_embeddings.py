@@ -1,7 +1,6 @@
 """Quantized embeddings (opt-in, upstream's chatglm-6b-int4-qe format): the embedding that lm_head shares is
 quantized like the block linears. No golden outputs exist for it, so parity is by construction: the same integers
 and scales as quantize_weight, and the same logits as a model whose tied embedding is the dequantized matrix."""
-import copy
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from torch import nn
 from conftest import GOLDEN, ROOT
 
 from chatglm import ModelLoadError, load_model
-from chatglm.quantization import QUANTIZED_LINEARS, QuantizedLinear, quantize_weight
+from chatglm.quantization import QuantizedLinear, quantize_weight
 from chatglm.quantized_embedding import QuantizedEmbedding
 
 PROMPTS = ["你好，请介绍一下你自己", "Hello"]
@@ -276,18 +275,10 @@ def test_an_untied_lm_head_is_not_quantized_into_the_embedding():
 
 # ---- P-Tuning -----------------------------------------------------------------------------------------------------
 
-def test_p_tuning_on_a_qe_base_trains_the_prefix_with_the_reference_gradients(tmp_path):
+def test_p_tuning_on_a_qe_base_trains_the_prefix_with_the_reference_gradients(tmp_path, dequantized_copy):
     tok, model = load_model(tiny(), device="cpu", pre_seq_len=8)
     model.quantize(4, quantize_embeddings=True).eval()
-    dense = copy.deepcopy(model)  # the same model with every quantized matrix dequantized (fp32, frozen)
-    for block in dense.transformer.layers:
-        for path in QUANTIZED_LINEARS:
-            parent_path, _, name = path.rpartition(".")
-            q = block.get_submodule(path)
-            lin = nn.Linear(q.in_features, q.out_features)
-            lin.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
-            lin.bias = nn.Parameter(q.bias.detach().float(), requires_grad=False)
-            setattr(block.get_submodule(parent_path), name, lin)
+    dense = dequantized_copy(model)  # the same model with every quantized matrix dequantized (fp32, frozen)
     dense.transformer.word_embeddings = nn.Embedding.from_pretrained(dequantized_reference(fp16_embedding(), 4))
     dense.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
     dense.lm_head.weight = dense.transformer.word_embeddings.weight  # tied, frozen
