@@ -252,3 +252,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # Under torchrun, tear the process group down before the interpreter exits: left to exit-time destructors, its
+    # threads can abort the process ("terminate called without an active exception") after training has finished.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
