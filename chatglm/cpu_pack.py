@@ -119,6 +119,28 @@ def _pack_rows(dense: torch.Tensor):
     return None
 
 
+def _pack_chunks(w: torch.Tensor, release_dense: bool = False):
+    """[(packed, row view)] for a dense bf16 CPU matrix, HEAD_CHUNK_ROWS rows per chunk; None where it cannot be
+    packed or its rows could not be read back. release_dense: hand each packed chunk's dense pages back to the
+    system at once (only when nothing else uses `w`); on failure, what was released is written back."""
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not available():
+        return None
+    chunks = []
+    for start in range(0, w.shape[0], HEAD_CHUNK_ROWS):
+        part = w[start:start + HEAD_CHUNK_ROWS]
+        chunk = _pack_rows(part)
+        if chunk is None:
+            if release_dense:
+                for i, (packed, _) in enumerate(chunks):
+                    w[i * HEAD_CHUNK_ROWS:(i + 1) * HEAD_CHUNK_ROWS] = packed.to_dense()
+            return None
+        chunks.append(chunk)
+        if release_dense:
+            from .loading import release_pages
+            release_pages(part)
+    return chunks
+
+
 class PackedTiedEmbedding(nn.Module):
     """nn.Embedding's interface and state dict for the matrix lm_head shares, kept oneDNN-packed in row chunks."""
 
@@ -135,23 +157,8 @@ class PackedTiedEmbedding(nn.Module):
     def pack(cls, embedding: nn.Embedding, release_dense: bool = False):
         """The packed replacement for `embedding`, or None where packing is not possible. release_dense: hand each
         packed chunk's dense pages back to the system at once (only when nothing else uses the dense weight)."""
-        w = embedding.weight.detach()
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not available():
-            return None
-        chunks = []
-        for start in range(0, w.shape[0], HEAD_CHUNK_ROWS):
-            part = w[start:start + HEAD_CHUNK_ROWS]
-            chunk = _pack_rows(part)
-            if chunk is None:  # a layout we cannot read rows from: put back what was released, keep it dense
-                if release_dense:
-                    for i, (packed, _) in enumerate(chunks):
-                        w[i * HEAD_CHUNK_ROWS:(i + 1) * HEAD_CHUNK_ROWS] = packed.to_dense()
-                return None
-            chunks.append(chunk)
-            if release_dense:
-                from .loading import release_pages
-                release_pages(part)
-        return cls(embedding, chunks)
+        chunks = _pack_chunks(embedding.weight.detach(), release_dense)
+        return cls(embedding, chunks) if chunks is not None else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -191,13 +198,9 @@ class PackedTiedEmbedding(nn.Module):
         moved = fn(weight)
         if moved is weight and self.dense is None:  # e.g. .cpu() on a packed model: nothing to do
             return super()._apply(fn, recurse)
-        self.chunks, self.dense, self._weight_cache = [], None, None
-        if moved.dtype == torch.bfloat16 and moved.device.type == "cpu":
-            self.chunks = [_pack_rows(moved[i:i + HEAD_CHUNK_ROWS]) for i in range(0, moved.shape[0], HEAD_CHUNK_ROWS)]
-            if any(c is None for c in self.chunks):
-                self.chunks, self.dense = [], moved
-        else:
-            self.dense = moved
+        chunks = _pack_chunks(moved)
+        self.chunks, self.dense = (chunks, None) if chunks is not None else ([], moved)
+        self._weight_cache = None
         return super()._apply(fn, recurse)
 
     def unpack(self) -> nn.Embedding:

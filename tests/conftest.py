@@ -63,3 +63,23 @@ def dequantized_copy():
                 setattr(block.get_submodule(parent_path), name, lin)
         return dense
     return make
+
+
+@pytest.fixture
+def assert_same_prefix_grads():
+    """f(model, dense, ids): one training step's loss gradients reach exactly the prefix encoder's parameters, all
+    non-zero, and equal those of the dense reference."""
+    import torch
+
+    def check(model, dense, ids):
+        grads = []
+        for m in (model, dense):
+            m.zero_grad()
+            m(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+        prefix = {n for n, _ in model.named_parameters() if n.startswith("transformer.prefix_encoder.")}
+        assert set(grads[0]) == prefix
+        for name, g in grads[0].items():
+            assert g is not None and g.abs().sum() > 0, name
+            torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6)
+    return check

@@ -306,7 +306,8 @@ def test_input_gradients_flow_through_quantized_layers_without_weight_gradients(
         assert all(p.grad is None for p in layer.parameters())
 
 
-def test_p_tuning_on_a_quantized_base_gets_the_same_prefix_gradients_as_dense_weights(dequantized_copy):
+def test_p_tuning_on_a_quantized_base_gets_the_same_prefix_gradients_as_dense_weights(dequantized_copy,
+                                                                                     assert_same_prefix_grads):
     from chatglm import load_model
     if not GOLDEN.is_dir():
         pytest.skip("golden data absent")
@@ -314,15 +315,7 @@ def test_p_tuning_on_a_quantized_base_gets_the_same_prefix_gradients_as_dense_we
     model.quantize(4).eval()
     dense = dequantized_copy(model)
     ids = torch.tensor([tok.encode("你好") + tok.encode("Hello world", add_special_tokens=False)])
-    grads = []
-    for m in (model, dense):
-        m.zero_grad()
-        m(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
-    assert set(grads[0]) == {n for n, _ in model.named_parameters() if n.startswith("transformer.prefix_encoder.")}
-    for name, g in grads[0].items():
-        assert g is not None and g.abs().sum() > 0, name
-        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6)
+    assert_same_prefix_grads(model, dense, ids)
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
