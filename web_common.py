@@ -264,19 +264,28 @@ def turn_handler(model, tokenizer, render):
             conversation.turns.append((query, ""))
             conversation.streaming = True
             view = render(conversation.turns)
+        replies = stream_reply(model, tokenizer, query, kept, max_length, top_p, temperature, **options)
         try:
             yield "", view  # the message shows at once, even while other chats go first
-            for reply in stream_reply(model, tokenizer, query, kept, max_length, top_p, temperature, **options):
+            for reply in replies:
                 with _CONVERSATIONS:
-                    if conversation.epoch != epoch:
-                        return  # cleared: closing stream_reply ends generation
-                    if isinstance(reply, Waiting):
+                    cleared = conversation.epoch != epoch
+                    if cleared:
+                        view = render(conversation.turns)
+                    elif isinstance(reply, Waiting):
                         view = gr.skip()  # nothing new, but a point where Stop can close us
                     else:
                         conversation.turns[-1] = (query, reply)
                         view = render(conversation.turns)
+                if cleared:
+                    # This stream's last update is the view Clear left: a browser still painting earlier updates
+                    # of this stream (they queue up while it is busy) then ends on it rather than on a stale reply.
+                    replies.close()
+                    yield gr.skip(), view
+                    return
                 yield gr.skip(), view
         finally:
+            replies.close()  # ends generation (Stop, Clear, a closed tab) and leaves the model queue
             with _CONVERSATIONS:
                 conversation.streaming = False
                 _CONVERSATIONS.notify_all()
@@ -284,8 +293,9 @@ def turn_handler(model, tokenizer, render):
 
 
 def clear_handler(render):
-    """The Gradio handler of Clear: forgets the turns and returns the empty view only once a reply still streaming
-    has stopped, so none of its updates can land after the page was cleared."""
+    """The Gradio handler of Clear: forgets the turns and returns the empty view once a reply still streaming has
+    stopped. Clear does not cancel that reply's event: the reply sees the new epoch, ends generation and sends the
+    empty view as its own last update (see turn_handler), which a cancelled event could not."""
     def clear(conversation: Conversation):
         with _CONVERSATIONS:
             conversation.epoch += 1

@@ -45,7 +45,7 @@ def build_demo(tokenizer, model) -> gr.Blocks:
                      trigger_mode="always_last")  # a message sent during a reply goes once the reply ends
         stop.click(None, cancels=[chat])
         for clicked in (clear.click, chatbot.clear):  # Clear History, and the chatbot's own trash-can button
-            clicked(web.clear_handler(render=messages), inputs=[conversation], outputs=[chatbot], cancels=[chat],
+            clicked(web.clear_handler(render=messages), inputs=[conversation], outputs=[chatbot],
                     concurrency_limit=None)
     return demo
 

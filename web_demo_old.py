@@ -40,7 +40,7 @@ def build_demo(tokenizer, model) -> gr.Blocks:
                      concurrency_limit=None, trigger_mode="always_last")  # sent during a reply: goes after it
         stop.click(None, cancels=[chat])
         clear.click(web.clear_handler(render=transcript), inputs=[conversation], outputs=[transcript_view],
-                    cancels=[chat], concurrency_limit=None)
+                    concurrency_limit=None)
     return demo
 
 

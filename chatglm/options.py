@@ -8,7 +8,7 @@ import os
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
-    g.add_argument("--model-path", default=os.environ.get("CHATGLM_MODEL"),
+    g.add_argument("--model-path", default=os.environ.get("CHATGLM_MODEL") or None,  # set but empty: unset
                    help="local folder or hub id of the weights (default: $CHATGLM_MODEL, else the built-in demo "
                         "checkpoint, which is NOT the real model)")
     g.add_argument("--quantize", type=int, choices=(4, 8), default=None,

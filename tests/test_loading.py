@@ -148,12 +148,19 @@ def test_config_that_does_not_fit_the_weights_is_reported(demo_copy):
         load_model(str(demo_copy))
 
 
-def test_no_path_means_the_demo_checkpoint_announced_loudly(monkeypatch, capsys, demo_model_path):
-    monkeypatch.delenv("CHATGLM_MODEL", raising=False)
+@pytest.mark.parametrize("env_model", [None, ""])  # `export CHATGLM_MODEL=` reads as unset, not as a folder ''
+def test_no_path_means_the_demo_checkpoint_announced_loudly(monkeypatch, capsys, demo_model_path, env_model):
+    if env_model is None:
+        monkeypatch.delenv("CHATGLM_MODEL", raising=False)
+    else:
+        monkeypatch.setenv("CHATGLM_MODEL", env_model)
     monkeypatch.setenv("CHATGLM_DEMO_DIR", demo_model_path)
-    tok, model = load_model()
-    assert model.is_demo
-    assert "DEMO checkpoint" in capsys.readouterr().err
+    import argparse
+    from chatglm.options import add_model_args, load_from_args
+    args = add_model_args(argparse.ArgumentParser()).parse_args([])  # the scripts' way to the model
+    for tok, model in (load_model(), load_from_args(args)):
+        assert model.is_demo
+    assert capsys.readouterr().err.count("DEMO checkpoint") == 2
 
 
 def test_named_path_never_falls_back_to_the_demo(monkeypatch, tmp_path):

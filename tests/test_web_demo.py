@@ -330,11 +330,31 @@ def test_second_turn_uses_history_and_clear_forgets_it(server, chat_page, model)
     chat.send(LONG_Q)
     chat.page.wait_for_function("([js, old]) => eval(js)(old)[1].length == 3", arg=[ChatPage.JS_TURNS, chat.old])
     chat.page.click("#clear")
-    chat.page.wait_for_function("old => !(old ? document.querySelector('#transcript').innerText.trim() : "
-                                "document.querySelector('#chatbot [data-testid=\"user\"]'))", arg=chat.old)
+    deadline = time.time() + 30
+    while chat.turns() != ([], []) and time.time() < deadline:
+        time.sleep(0.05)
+    chat.wait_still(seconds=1.0)  # and it stays empty: no update of the cleared reply paints it back
+    assert chat.turns() == ([], []), f"after Clear the page shows {chat.turns()}"
     chat.send(SHORT_Q2)
     chat.wait_reply(r2_fresh)
     assert chat.turns() == ([words(SHORT_Q2)], [words(r2_fresh)])
+
+
+def test_clear_during_a_reply_ends_it_and_its_last_update_is_the_cleared_view(server):
+    """A busy browser may still be painting a reply's earlier updates when Clear's empty view arrives; the reply's
+    stream must end on the cleared view too, or those updates paint the old conversation back (seen in CI). Read
+    here over HTTP, where every update of the reply's stream can be seen, with the pages' own client library."""
+    from gradio_client import Client
+    client = Client(server.url, verbose=False)
+    reply = client.submit(LONG_Q, 2048, 0.7, 0, 1.0, 50, "", api_name="/handle")  # greedy: runs to 2048 tokens
+    deadline = time.time() + 60
+    while len(reply.outputs()) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    assert not reply.done() and reply.outputs()[-1][1], f"no reply streaming: {reply.outputs()}"
+    assert not client.predict(api_name="/clear")
+    reply.result(timeout=10)  # ended soon after Clear, not at Maximum length
+    updates = [view for _, view in reply.outputs()]
+    assert updates[-2] and not updates[-1], updates[-2:]
 
 
 def test_stop_ends_generation_at_once_and_keeps_the_partial_reply(server, chat_page, model):
