@@ -307,6 +307,12 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in. transformers' default, the first floating parameter, would read the
+        fp16 scales of a quantized embedding (--quantize-embeddings) and so save a bf16 model as "float16"."""
+        return getattr(self, self.base_model_prefix, self).final_layernorm.weight.dtype
+
     def _init_weights(self, module):
         # The official weights always come from a checkpoint; fresh models (demo checkpoint, tests) get small
         # normal weights so they are at least well-conditioned.

@@ -192,6 +192,8 @@ def test_save_pretrained_round_trip_keeps_the_format_and_the_logits(tmp_path):
     tok.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_embeddings"] is True and config["quantization_bit"] == 4
+    # the dtype it computes in, not that of the embedding's fp16 scales (its first floating parameter)
+    assert model.dtype == torch.bfloat16 and config["dtype"] == "bfloat16"
     import safetensors.torch
     saved = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
     # like the tied FP16 model, only the embedding's keys are written: lm_head shares them
