@@ -1,11 +1,16 @@
-"""bfloat16 linears on CPU with their weights prepacked for oneDNN.
+"""bfloat16 and float32 linears on CPU with their weights prepacked for oneDNN.
 
 Decoding reads every weight once per token. On the 2-core AVX-512 machine this project is measured on, a
 16384x4096 bfloat16 GEMV reads 22 GB/s through F.linear but 64 GB/s through oneDNN with the weight reordered into
-its blocked layout once, at load time (same results, bit for bit). The packed weight replaces the dense one (no
-second copy); state dicts still hold the official dense `weight`, and moving or casting the model unpacks it.
-The word embedding, which lm_head shares, is packed too (PackedTiedEmbedding): lm_head reads 1.07 GB per token.
+its blocked layout once, at load time (same results, bit for bit: F.linear runs the same oneDNN arithmetic). In
+float32, F.linear goes to MKL at ~24 GB/s and packed oneDNN reads ~49 GB/s; the sums are then ordered differently,
+so results differ in the last bits (~1e-6 relative; the original's own 1- vs 2-thread runs differ more).
+The packed weight replaces the dense one (no second copy); state dicts still hold the official dense `weight`, and
+moving or casting the model unpacks it. The word embedding, which lm_head shares, is packed too
+(PackedTiedEmbedding): lm_head reads 1.07 GB per token in bf16, 2.1 GB in fp32.
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,15 +18,36 @@ from torch import nn
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
-def available() -> bool:
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether oneDNN can run packed `dtype` linears here."""
     try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return (dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
+                and (dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())))
     except (AttributeError, RuntimeError):
         return False
 
 
+def packable(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and available(w.dtype)
+
+
+_warned = []
+
+
+def _warn_no_weight_grads():
+    if _warned:
+        return
+    _warned.append(True)
+    warnings.warn("this model's weights are packed for inference (chatglm/cpu_pack.py) and get no gradients; call "
+                  "model.train() before training (it restores them as Parameters), or run inference under "
+                  "torch.no_grad()", stacklevel=3)
+
+
 class PackedLinear(nn.Module):
-    """nn.Linear's interface and state dict, with a oneDNN-packed bfloat16 weight for inference on CPU."""
+    """nn.Linear's interface and state dict, with a oneDNN-packed bfloat16/float32 weight for inference on CPU."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -31,8 +57,8 @@ class PackedLinear(nn.Module):
         self._set_weight(linear.weight.detach())
 
     def _set_weight(self, dense: torch.Tensor):
-        # packed while it is bfloat16 on the CPU; after .to(...)/.float() it is kept dense and used as nn.Linear
-        if dense.dtype == torch.bfloat16 and dense.device.type == "cpu":
+        # packed while it is bfloat16/float32 on the CPU; after .to(...)/.half() it is kept dense, used as nn.Linear
+        if packable(dense):
             self.packed, self.dense = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous(), None), None
         else:
             self.packed, self.dense = None, dense
@@ -46,7 +72,10 @@ class PackedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x):
-        if self.packed is None or (torch.is_grad_enabled() and x.requires_grad):  # e.g. training: plain path
+        if self.packed is None:
+            return F.linear(x, self.dense, self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            _warn_no_weight_grads()
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
@@ -73,57 +102,60 @@ class PackedLinear(nn.Module):
                 self.bias.copy_(state_dict[prefix + "bias"])
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed bfloat16"
+        kind = f"oneDNN-packed {str(self.packed.dtype)[6:]}" if self.packed is not None else "dense"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 # ---- the tied embedding / lm_head matrix --------------------------------------------------------------------------
 # lm_head reads the whole [vocab, hidden] matrix every token (1.07 GB for ChatGLM-6B in bf16); packed, that GEMV runs
-# at ~50 GB/s instead of ~33. The embedding shares the matrix, and a lookup needs rows, which an opaque oneDNN
-# tensor does not give out. So we read rows straight from the packed buffer: for bf16 inner products oneDNN blocks
-# the weight as [ceil(rows / b), cols / 2, b, 2] (b = 64 with AVX-512), which we confirm on every chunk we pack by
-# comparing rows with the dense original; if it ever differs (another CPU or oneDNN), the head stays unpacked.
+# at ~50 GB/s instead of ~33 (bf16; fp32 likewise). The embedding shares the matrix, and a lookup needs rows, which an opaque oneDNN
+# tensor does not give out. So we read rows straight from the packed buffer: for inner products oneDNN blocks
+# the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with AVX-512; k = 2 in bf16, 1 in fp32: 32-bit groups),
+# which we confirm on every chunk we pack by comparing rows with the dense original; if it ever differs (another CPU
+# or oneDNN), the head stays unpacked.
 HEAD_CHUNK_ROWS = 8192  # packed in chunks: while packing, only one chunk exists twice (67 MB, not 1 GB)
 _ROW_BLOCKS = (64, 32, 16)
 
 
-def _buffer_view(packed: torch.Tensor) -> torch.Tensor:
-    """A bf16 tensor over the packed tensor's memory (valid while `packed` lives)."""
+def _buffer_view(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A flat `dtype` tensor over the packed tensor's memory (valid while `packed` lives)."""
     import ctypes
     nbytes = torch.ops.mkldnn._nbytes(packed)
     array = (ctypes.c_byte * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
-    return torch.frombuffer(array, dtype=torch.bfloat16)
+    return torch.frombuffer(array, dtype=dtype)
 
 
 def _rows(view: torch.Tensor, local: torch.Tensor, cols: int) -> torch.Tensor:
-    """Rows `local` of a packed chunk whose buffer is `view` ([blocks, cols / 2, b, 2])."""
+    """Rows `local` of a packed chunk whose buffer is `view` ([blocks, cols / k, b, k])."""
     b = view.shape[2]
     return view[local // b, :, local % b, :].reshape(-1, cols)
 
 
 def _pack_rows(dense: torch.Tensor):
-    """(packed, row view) for a dense bf16 [rows, cols] chunk, or None if its packed layout is not the one we read."""
+    """(packed, row view) for a dense [rows, cols] chunk, or None if its packed layout is not the one we read."""
     rows, cols = dense.shape
-    if cols % 2:
+    k = 4 // dense.element_size()
+    if cols % k:
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous(), None)
-    flat = _buffer_view(packed)
+    flat = _buffer_view(packed, dense.dtype)
     g = torch.Generator().manual_seed(rows)
     probe = torch.cat([torch.tensor([0, 1, 17, 33, 63, rows - 1]).clamp(max=rows - 1),
                        torch.randint(0, rows, (10,), generator=g)])
     for b in _ROW_BLOCKS:
         if flat.numel() != -(-rows // b) * b * cols:
             continue
-        view = flat.view(-1, cols // 2, b, 2)
+        view = flat.view(-1, cols // k, b, k)
         if torch.equal(_rows(view, probe, cols), dense[probe]):
             return packed, view
     return None
 
 
 def _pack_chunks(w: torch.Tensor, release_dense: bool = False):
-    """[(packed, row view)] for a dense bf16 CPU matrix, HEAD_CHUNK_ROWS rows per chunk; None where it cannot be
+    """[(packed, row view)] for a dense bf16/fp32 CPU matrix, HEAD_CHUNK_ROWS rows per chunk; None where it cannot be
     packed or its rows could not be read back. release_dense: hand each packed chunk's dense pages back to the
     system at once (only when nothing else uses `w`); on failure, what was released is written back."""
-    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not available():
+    if not packable(w):
         return None
     chunks = []
     for start in range(0, w.shape[0], HEAD_CHUNK_ROWS):
@@ -150,7 +182,7 @@ class PackedTiedEmbedding(nn.Module):
         self.padding_idx = embedding.padding_idx
         self.weight_requires_grad = embedding.weight.requires_grad
         self.chunks = chunks  # [(packed, row view)], HEAD_CHUNK_ROWS rows each (the last one fewer)
-        self.dense = None  # set instead of chunks once moved off the CPU or cast away from bf16
+        self.dense = None  # set instead of chunks once moved off the CPU or cast to float16
         self._weight_cache = None
 
     @classmethod
@@ -178,7 +210,7 @@ class PackedTiedEmbedding(nn.Module):
         if self.dense is not None:
             return F.embedding(ids, self.dense, self.padding_idx)
         flat = ids.reshape(-1)
-        out = torch.empty(flat.numel(), self.embedding_dim, dtype=torch.bfloat16)
+        out = torch.empty(flat.numel(), self.embedding_dim, dtype=self.chunks[0][1].dtype)
         chunk_of = flat // HEAD_CHUNK_ROWS
         for c in chunk_of.unique().tolist():
             where = (chunk_of == c).nonzero().squeeze(1)
@@ -187,7 +219,10 @@ class PackedTiedEmbedding(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T: lm_head's logits."""
-        if self.dense is not None or (torch.is_grad_enabled() and x.requires_grad):
+        if self.dense is not None:
+            return F.linear(x, self.dense)
+        if torch.is_grad_enabled() and x.requires_grad:
+            _warn_no_weight_grads()
             return F.linear(x, self.weight)
         x = x.contiguous()
         return torch.cat([torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -215,14 +250,15 @@ class PackedTiedEmbedding(nn.Module):
                               error_msgs):
         key = prefix + "weight"
         if key in state_dict:
-            w = state_dict[key].to(dtype=torch.bfloat16 if self.dense is None else self.dense.dtype,
+            w = state_dict[key].to(dtype=self.chunks[0][1].dtype if self.dense is None else self.dense.dtype,
                                    device="cpu" if self.dense is None else self.dense.device)
             self._apply(lambda _: w)
         elif strict:
             missing_keys.append(key)
 
     def extra_repr(self):
-        return f"{self.num_embeddings}, {self.embedding_dim}, oneDNN-packed bfloat16, shared with lm_head"
+        kind = f"oneDNN-packed {str(self.chunks[0][1].dtype)[6:]}" if self.dense is None else "dense"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kind}, shared with lm_head"
 
 
 class PackedTiedHead(nn.Module):
@@ -253,17 +289,15 @@ class PackedTiedHead(nn.Module):
 # ---- whole models -------------------------------------------------------------------------------------------------
 
 def pack_for_cpu(model: nn.Module, release_dense: bool = False) -> nn.Module:
-    """Swap the four bfloat16 linears of every GLM block for PackedLinear, and the tied embedding + lm_head for
-    their packed pair (where oneDNN has bf16 kernels). release_dense: the loader's own freshly loaded model, whose
+    """Swap the four bfloat16/float32 linears of every GLM block for PackedLinear, and the tied embedding + lm_head
+    for their packed pair (where oneDNN has kernels for the dtype). release_dense: the loader's own freshly loaded model, whose
     dense embedding nobody else holds (its pages are returned while packing, to keep the peak low)."""
-    if not available():
-        return model
     for block in model.transformer.layers:
         for path in BLOCK_LINEARS:
             parent_path, name = path.split(".")
             parent = getattr(block, parent_path)
             layer = getattr(parent, name)
-            if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16 and layer.weight.device.type == "cpu":
+            if type(layer) is nn.Linear and packable(layer.weight):
                 setattr(parent, name, PackedLinear(layer))
     embedding, head = model.transformer.word_embeddings, getattr(model, "lm_head", None)
     if type(embedding) is nn.Embedding and type(head) is nn.Linear and head.weight is embedding.weight:

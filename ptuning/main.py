@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArgume
 from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 
 from chatglm import ModelLoadError, load_model  # noqa: E402
+from chatglm.cpu_pack import unpack  # noqa: E402
 from ptuning.arguments import DataTrainingArguments, ModelArguments  # noqa: E402
 from ptuning.data import (GenerationCollator, TrainCollator, check_columns, generation_example,  # noqa: E402
                           prompts_and_answers, read_rows, train_example)
@@ -168,6 +169,7 @@ def main(argv=None):
                                       ptuning_checkpoint=model_args.ptuning_checkpoint)
     except ModelLoadError as e:
         raise SystemExit(f"error: {e}") from None
+    unpack(model)  # a model loaded for CPU inference holds oneDNN-packed weights; training needs them as Parameters
     if prefix_tuning:
         model.transformer.prefix_encoder.float()  # trained in fp32 over a frozen (fp16/int4/int8) base
         for name, p in model.named_parameters():

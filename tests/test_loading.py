@@ -232,11 +232,19 @@ def test_folder_without_prefix_weights_is_not_a_ptuning_checkpoint(demo_model_pa
         load_model(demo_model_path, ptuning_checkpoint=demo_model_path)
 
 
-def test_bfloat16_cpu_weights_are_packed_without_changing_results_or_the_state_dict(demo_model_path, tmp_path):
+def same_logits(a, b, dtype):
+    if dtype == "bfloat16":  # F.linear runs the same oneDNN arithmetic: bit for bit
+        return torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32: MKL vs oneDNN summation order
+    return True
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_weights_are_packed_without_changing_results_or_the_state_dict(demo_model_path, tmp_path, dtype):
     from chatglm.cpu_pack import PackedLinear, PackedTiedEmbedding, available, unpack
-    if not available():
-        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
-    tok, packed = load_model(demo_model_path, device="cpu", dtype="bfloat16")
+    if not available(getattr(torch, dtype)):
+        pytest.skip(f"oneDNN has no {dtype} kernels on this CPU")
+    tok, packed = load_model(demo_model_path, device="cpu", dtype=dtype)
     assert isinstance(packed.transformer.layers[0].mlp.dense_h_to_4h, PackedLinear)
     assert isinstance(packed.transformer.word_embeddings, PackedTiedEmbedding)  # lm_head reads the packed matrix
     assert packed.lm_head.weight is packed.transformer.word_embeddings.weight  # still one (tied) matrix
@@ -245,22 +253,22 @@ def test_bfloat16_cpu_weights_are_packed_without_changing_results_or_the_state_d
         fast = packed(input_ids=ids).logits
     state = packed.state_dict()
     reply = packed.chat(tok, "你好", do_sample=False, max_length=64)[0]
-    plain = unpack(load_model(demo_model_path, device="cpu", dtype="bfloat16")[1])
+    plain = unpack(load_model(demo_model_path, device="cpu", dtype=dtype)[1])
     assert not any(isinstance(m, (PackedLinear, PackedTiedEmbedding)) for m in plain.modules())
     assert plain.lm_head.weight is plain.transformer.word_embeddings.weight
     with torch.no_grad():
-        assert torch.equal(fast, plain(input_ids=ids).logits)  # the same kernels' arithmetic, bit for bit
+        assert same_logits(fast, plain(input_ids=ids).logits, dtype)
     assert plain.chat(tok, "你好", do_sample=False, max_length=64)[0] == reply
     reference = plain.state_dict()
     assert list(state) == list(reference) and all(torch.equal(state[k], reference[k]) for k in state)
     packed.save_pretrained(tmp_path / "saved")
     tok.save_pretrained(tmp_path / "saved")
-    _, reloaded = load_model(str(tmp_path / "saved"), device="cpu", dtype="bfloat16")
+    _, reloaded = load_model(str(tmp_path / "saved"), device="cpu", dtype=dtype)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, fast)
-    packed.float()  # casting unpacks: the model then computes in float32 like any other
-    with torch.no_grad():
-        assert packed(input_ids=ids).logits.dtype == torch.float32
+    packed.half()  # casting to a dtype oneDNN does not pack here unpacks: a plain float16 model
+    assert not any(isinstance(m, PackedLinear) and m.packed is not None for m in packed.modules())
+    assert packed.transformer.word_embeddings.weight.dtype == torch.float16
 
 
 def test_training_a_packed_bfloat16_model_gets_trainable_parameters_back(demo_model_path):
@@ -279,20 +287,21 @@ def test_training_a_packed_bfloat16_model_gets_trainable_parameters_back(demo_mo
     assert params["transformer.word_embeddings.weight"].grad is not None
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("chunk_rows", [64, 192, 100])
-def test_packed_embedding_rows_and_logits_are_exact_across_chunks(demo_model_path, monkeypatch, chunk_rows):
+def test_packed_embedding_rows_and_logits_are_exact_across_chunks(demo_model_path, monkeypatch, chunk_rows, dtype):
     """The tied matrix is packed in row chunks and embedding rows are read from the packed buffers: every id must
     give its exact row, and logits must span all chunks in order (6B's vocab is 16 chunks; the demo's, 5-13)."""
     from chatglm import cpu_pack
-    if not cpu_pack.available():
-        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
+    if not cpu_pack.available(getattr(torch, dtype)):
+        pytest.skip(f"oneDNN has no {dtype} kernels on this CPU")
     monkeypatch.setattr(cpu_pack, "HEAD_CHUNK_ROWS", chunk_rows)
-    _, model = load_model(demo_model_path, device="cpu", dtype="bfloat16")
+    _, model = load_model(demo_model_path, device="cpu", dtype=dtype)
     embedding = model.transformer.word_embeddings
     assert isinstance(embedding, cpu_pack.PackedTiedEmbedding) and len(embedding.chunks) > 4
     dense = embedding.weight.clone()
     everything = torch.arange(dense.shape[0]).flip(0).view(4, -1)
     with torch.no_grad():
         assert torch.equal(embedding(everything), dense[everything])
-        x = torch.randn(2, 3, dense.shape[1]).bfloat16()
-        assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, dense))
+        x = torch.randn(2, 3, dense.shape[1]).to(dense.dtype)
+        assert same_logits(model.lm_head(x), torch.nn.functional.linear(x, dense), dtype)
