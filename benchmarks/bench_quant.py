@@ -12,7 +12,9 @@ a fresh process per configuration with chatglm.load_model and measures:
   decode       ms per generated token (KV cache, greedy), best step of all runs
   weight GB/s  bytes of weights one decode step reads x tokens/s, next to the machine's read bandwidth
 Configurations named in --full load a real-depth (28-layer) checkpoint and need no extrapolation. The others are
-extrapolated to 28 layers: decode = 28 x (per-layer time) + (embedding/lm_head time), both measured; resident =
+extrapolated to 28 layers: decode = the measured step + (28 - layers) x the time spent inside each block during
+that step (forward hooks; a difference against a separately timed lm_head was unstable where lm_head dominates
+the step, as in packed fp32); resident =
 measured + (28 - layers) x (exact bytes of one layer in that format); peak = that resident + the transient seen
 while loading (one shard's pages); load seconds scale with the bytes of the checkpoint. INT4-QE (not run unless
 named in --configs) is INT4 with the embedding that lm_head shares quantized too (--quantize-embeddings). The
@@ -183,21 +185,34 @@ def worker(args):
         prefill()  # warm-up (INT4 repacks its weights for the CPU kernel here)
         prefill_s = best_of(prefill, args.repeat)
 
+        clock = {"start": 0.0, "inside": 0.0}  # seconds inside the GLM blocks during the current step
+
+        def block_start(*_):
+            clock["start"] = time.perf_counter()
+
+        def block_end(*_):
+            clock["inside"] += time.perf_counter() - clock["start"]
+
+        for layer in model.transformer.layers:
+            layer.register_forward_pre_hook(block_start)
+            layer.register_forward_hook(block_end)
+
         def decode_steps():
             out, kwargs = prefill()
-            seq, times = ids, []
+            seq, steps = ids, []
             for _ in range(args.decode):
                 t0 = time.perf_counter()
+                clock["inside"] = 0.0
                 nxt = out.logits[:, -1:].argmax(-1)
                 seq = torch.cat([seq, nxt], dim=1)
                 inputs = model.prepare_inputs_for_generation(seq, **kwargs)
                 out = model(**inputs)
                 kwargs = model._update_model_kwargs_for_generation(out, kwargs)
-                times.append(time.perf_counter() - t0)
-            return times
+                steps.append((time.perf_counter() - t0, clock["inside"]))
+            return steps
 
-        steps = sorted(t for _ in range(args.repeat) for t in decode_steps())
-        decode_s, decode_median_s = steps[0], steps[len(steps) // 2]
+        steps = sorted(step for _ in range(args.repeat) for step in decode_steps())
+        (decode_s, blocks_s), decode_median_s = steps[0], steps[len(steps) // 2][0]
         # the part that does not scale with depth: embedding, final layer norm, lm_head (one token)
         h = torch.randn(1, 1, H, generator=gen).to(model.transformer.final_layernorm.weight.dtype)
         one = ids[:, :1]
@@ -210,6 +225,7 @@ def worker(args):
     result = dict(config=args.worker, layers=L, load_s=load_s, rss_before_load=rss0, peak_rss=peak_load,
                   peak_rss_after_run=peak_rss_bytes(), resident=resident, prefill_s=prefill_s,
                   prompt=int(ids.shape[1]), decode_s=decode_s, decode_median_s=decode_median_s, head_s=head_s,
+                  decode_blocks_s=blocks_s,
                   layer_bytes_mem=layer_bytes_mem, layer_bytes_read=layer_bytes_read, head_bytes=head_bytes,
                   weight_dtype=str(model.transformer.layers[0].attention.dense.weight.dtype))
     print("RESULT " + json.dumps(result), flush=True)
@@ -229,9 +245,8 @@ def read_bandwidth(threads: int) -> dict:
 
 
 def extrapolate(r: dict, layers: int = FULL_LAYERS) -> dict:
-    per_layer_decode = max(r["decode_s"] - r["head_s"], 0.0) / r["layers"]
-    decode = layers * per_layer_decode + r["head_s"]
     extra_layers = layers - r["layers"]
+    decode = r["decode_s"] + extra_layers * r["decode_blocks_s"] / r["layers"]
     read_bytes = layers * r["layer_bytes_read"] + r["head_bytes"]
     # loading does work in proportion to the bytes it reads: the embedding plus one share per layer
     H, I, V = GEOMETRY["hidden_size"], GEOMETRY["inner_hidden_size"], GEOMETRY["vocab_size"]
