@@ -108,12 +108,12 @@ class PackedLinear(nn.Module):
 
 # ---- the tied embedding / lm_head matrix --------------------------------------------------------------------------
 # lm_head reads the whole [vocab, hidden] matrix every token (1.07 GB for ChatGLM-6B in bf16); packed, that GEMV runs
-# at ~50 GB/s instead of ~33 (bf16; fp32 likewise). The embedding shares the matrix, and a lookup needs rows, which an opaque oneDNN
-# tensor does not give out. So we read rows straight from the packed buffer: for inner products oneDNN blocks
-# the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with AVX-512; k = 2 in bf16, 1 in fp32: 32-bit groups),
-# which we confirm on every chunk we pack by comparing rows with the dense original; if it ever differs (another CPU
-# or oneDNN), the head stays unpacked.
-HEAD_CHUNK_ROWS = 8192  # packed in chunks: while packing, only one chunk exists twice (67 MB, not 1 GB)
+# at ~50 GB/s instead of ~33 in bf16 (fp32 gains more). The embedding shares the matrix, and a lookup needs rows,
+# which an opaque oneDNN tensor does not give out. So we read rows straight from the packed buffer: for inner
+# products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with AVX-512; k = 2 in bf16, 1 in
+# fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with the dense original; if it
+# ever differs (another CPU or oneDNN), the head stays unpacked.
+HEAD_CHUNK_ROWS = 8192  # packed in chunks: while packing, only one chunk exists twice (67 MB in bf16, not 1 GB)
 _ROW_BLOCKS = (64, 32, 16)
 
 
@@ -290,8 +290,8 @@ class PackedTiedHead(nn.Module):
 
 def pack_for_cpu(model: nn.Module, release_dense: bool = False) -> nn.Module:
     """Swap the four bfloat16/float32 linears of every GLM block for PackedLinear, and the tied embedding + lm_head
-    for their packed pair (where oneDNN has kernels for the dtype). release_dense: the loader's own freshly loaded model, whose
-    dense embedding nobody else holds (its pages are returned while packing, to keep the peak low)."""
+    for their packed pair (where oneDNN has kernels for the dtype). release_dense: the loader's own freshly loaded
+    model, whose dense embedding nobody else holds (its pages are returned while packing, to keep the peak low)."""
     for block in model.transformer.layers:
         for path in BLOCK_LINEARS:
             parent_path, name = path.split(".")
