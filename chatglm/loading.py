@@ -308,7 +308,7 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     packs = dtype in (torch.bfloat16, torch.float32) and device.type == "cpu"
     if packs and not device_map and config.pre_seq_len is None:
         from .cpu_pack import pack_for_cpu
-        pack_for_cpu(model, release_dense=True)  # oneDNN-packed weights: bf16 ~1.5x, fp32 ~2.7x faster decoding (cpu_pack.py)
+        pack_for_cpu(model, release_dense=True)  # oneDNN-packed: bf16 ~1.5x, fp32 ~2.7x faster decoding
     if dtype == torch.bfloat16 and device.type == "cpu" and getattr(config, "quantization_bit", 0):
         # repack quantized weights for the CPU kernel now (in place), not as a stall on the first reply (~3 s for 6B)
         from .quantization import QuantizedLinear
