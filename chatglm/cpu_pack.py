@@ -193,6 +193,10 @@ class PackedTiedEmbedding(nn.Module):
         return cls(embedding, chunks) if chunks is not None else None
 
     @property
+    def _packed_dtype(self) -> torch.dtype:
+        return self.chunks[0][1].dtype  # the row view's dtype is the packed matrix's
+
+    @property
     def weight(self) -> torch.Tensor:
         """The dense matrix (rebuilt from the packed chunks: 1 GB for ChatGLM-6B; cached while someone holds it,
         so lm_head.weight is embedding.weight as in the tied model)."""
@@ -210,7 +214,7 @@ class PackedTiedEmbedding(nn.Module):
         if self.dense is not None:
             return F.embedding(ids, self.dense, self.padding_idx)
         flat = ids.reshape(-1)
-        out = torch.empty(flat.numel(), self.embedding_dim, dtype=self.chunks[0][1].dtype)
+        out = torch.empty(flat.numel(), self.embedding_dim, dtype=self._packed_dtype)
         chunk_of = flat // HEAD_CHUNK_ROWS
         for c in chunk_of.unique().tolist():
             where = (chunk_of == c).nonzero().squeeze(1)
@@ -250,14 +254,14 @@ class PackedTiedEmbedding(nn.Module):
                               error_msgs):
         key = prefix + "weight"
         if key in state_dict:
-            w = state_dict[key].to(dtype=self.chunks[0][1].dtype if self.dense is None else self.dense.dtype,
+            w = state_dict[key].to(dtype=self._packed_dtype if self.dense is None else self.dense.dtype,
                                    device="cpu" if self.dense is None else self.dense.device)
             self._apply(lambda _: w)
         elif strict:
             missing_keys.append(key)
 
     def extra_repr(self):
-        kind = f"oneDNN-packed {str(self.chunks[0][1].dtype)[6:]}" if self.dense is None else "dense"
+        kind = f"oneDNN-packed {str(self._packed_dtype)[6:]}" if self.dense is None else "dense"
         return f"{self.num_embeddings}, {self.embedding_dim}, {kind}, shared with lm_head"
 
 

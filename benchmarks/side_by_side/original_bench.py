@@ -27,21 +27,17 @@ import subprocess
 import sys
 import time
 
+# our benchmark's prompt(), so both implementations decode after the very same tokens (benchmarks/bench.py imports
+# nothing of our package at module level, so it loads in the original's venv too)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench import prompt  # noqa: E402
+
 FULL_LAYERS = 28
 
 
 def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
-
-def prompt(batch, length, seed=0, gmask=130001, sop=130004):
-    """Same ids as benchmarks/bench.py prompt(); kept local so this script, run in the original's venv, does not
-    depend on our package."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(20000, 120000, (batch, length), generator=g)
-    ids[:, -2], ids[:, -1] = gmask, sop
-    return ids
 
 
 class StepClock:
@@ -122,12 +118,12 @@ def worker(a):
            "folder": folder, "load_s": load_s,
            "qkv": f"{type(qkv).__name__} {qkv.weight.dtype}" + (f" ({qkv.weight_bit_width}-bit)" if quant_bits else ""),
            "act_dtype": str(model.transformer.final_layernorm.weight.dtype)}
-    run_decode(model, prompt(1, 32, seed=1000), 2, a.loop)  # warm-up: prefill + 1 decode step
+    run_decode(model, prompt(1, 32, model.config, seed=1000), 2, a.loop)  # warm-up: prefill + 1 decode step
     clock = StepClock(model)
     samples, per_repeat, gen = [], [], None
     for r in range(a.repeats):
         clock.reset()
-        gen = run_decode(model, prompt(1, a.prompt_len, seed=r), a.new_tokens, a.loop)
+        gen = run_decode(model, prompt(1, a.prompt_len, model.config, seed=r), a.new_tokens, a.loop)
         s = clock.samples(time.perf_counter())[1:]  # [0] is the prefill
         samples += s
         per_repeat.append(statistics.median(x for x, _ in s))
