@@ -3,6 +3,8 @@ as they arrive (incremental decoding and deltas that never take anything back)."
 import re
 from typing import List, Optional, Tuple
 
+from .tokenization import clean_up_spaces
+
 History = List[Tuple[str, str]]
 
 
@@ -50,29 +52,34 @@ def without_stop_prefix(text: str, stop) -> str:
 
 
 class IncrementalDecoder:
-    """The text of a growing list of reply ids, decoding only the last two tokens per new one (decoding the whole
-    reply per token costs O(n) each, ~14 ms at 2,400 tokens). Both decodes of the window start at the same token,
+    """The text of a growing list of reply ids (what tokenizer.decode gives), decoding only a window of the last
+    tokens per new one: decoding the whole reply per token costs O(n) each (~14 ms at 2,400 tokens).
+
+    The window is decoded without the clean-up of spaces, which reaches across tokens (" ." -> "."); that clean-up
+    runs on the whole text instead (a few str.replace calls). Both decodes of the window start at the same token,
     so SentencePiece's leading-space rule cancels; a window that ends inside a multi-byte character (U+FFFD) is
-    shown as is but not settled. If the window's text ever disagrees with what it already settled (a clean-up
-    rule reaching across tokens), the whole reply is decoded once."""
+    shown as is but not settled. Should the window ever disagree with what it settled, the whole reply is decoded.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.settled = tokenizer, [], ""
         self.start = self.read = 0  # the window: ids[start:read] is already in `settled`
 
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
     def add(self, token: int) -> str:
-        """The reply's text after one more token (what tokenizer.decode(ids) gives)."""
+        """The reply's text after one more token."""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.start:self.read])
-        after = self.tokenizer.decode(self.ids[self.start:])
+        before, after = self._decode(self.ids[self.start:self.read]), self._decode(self.ids[self.start:])
         if not after.startswith(before):
-            self.settled, self.start, self.read = self.tokenizer.decode(self.ids), len(self.ids), len(self.ids)
-            return self.settled
-        if after.endswith("\ufffd"):
-            return self.settled + after[len(before):]
-        self.settled += after[len(before):]
-        self.start, self.read = self.read, len(self.ids)
-        return self.settled
+            self.settled, self.start, self.read = self._decode(self.ids), len(self.ids), len(self.ids)
+        elif after.endswith("\ufffd"):
+            return clean_up_spaces(self.settled + after[len(before):])
+        else:
+            self.settled += after[len(before):]
+            self.start, self.read = self.read, len(self.ids)
+        return clean_up_spaces(self.settled)
 
 
 class TextDeltas:

@@ -186,7 +186,7 @@ def test_decode_positions_follow_the_glm_rule_for_the_whole_sequence():
 
 def test_incremental_decoding_equals_decoding_the_whole_reply():
     tok, _ = model_named("tiny")
-    text = "你好 hello world, 这是 a test.  tabs\t\tand\nnewlines 😀 ÿ café" * 3
+    text = "你好 hello world, 这是 a test .  tabs\t\tand\nnewlines 😀 ÿ café , don 't ; ok ?" * 3
     ids = tok.encode(text, add_special_tokens=False)
     decoder = IncrementalDecoder(tok)
     for i, token in enumerate(ids):
