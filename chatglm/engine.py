@@ -54,7 +54,7 @@ class Sequence:
         self.eos, self.pre_seq_len = config.eos_token_id, config.pre_seq_len or 0
         self.sampler = Sampler(options, processors)
         self.stopping_criteria = stopping_criteria
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None  # None: ids only
         self.response = ""          # process_response(reply so far), cut before a stop string
         self.finish_reason = None   # "stop" (<eop> or a stop string) | "length" | "cancelled"
         self.stopped_by_string = False
@@ -89,7 +89,7 @@ class Sequence:
         token = self.sampler(scores, self.ids_tensor())
         self.ids.append(token)
         self.sampler.observe(token)
-        response = process_response(self.decoder.add(token))
+        response = process_response(self.decoder.add(token)) if self.decoder is not None else ""
         done = token == self.eos or len(self.ids) >= self.max_length
         if self.stopping_criteria is not None:
             done = bool(self.stopping_criteria(self.ids_tensor() if self.id_buffer is not None
@@ -102,8 +102,8 @@ class Sequence:
 
     def _finish(self, reason: str):
         """The exact final text: the whole reply decoded once (the incremental text is for streaming)."""
-        response, self.stopped_by_string = cut_at_stop(process_response(self.decoder.tokenizer.decode(
-            self.ids[self.n_prompt:])), self.options.stop)
+        text = self.decoder.tokenizer.decode(self.ids[self.n_prompt:]) if self.decoder is not None else ""
+        response, self.stopped_by_string = cut_at_stop(process_response(text), self.options.stop)
         self.response = response.strip() if self.stopped_by_string else response
         self.finish_reason = "stop" if self.stopped_by_string else reason
 

@@ -32,7 +32,8 @@ class Sampler:
         o = options
         self.greedy = o.greedy
         self.processors = list(processors)
-        self.repetition = RepetitionPenaltyLogitsProcessor(o.repetition_penalty) if o.repetition_penalty != 1.0 else None
+        penalty = o.repetition_penalty
+        self.repetition = RepetitionPenaltyLogitsProcessor(penalty) if penalty != 1.0 else None
         self.frequency, self.presence = o.frequency_penalty, o.presence_penalty
         self.counts: Optional[torch.Tensor] = None  # how often each token occurs in the reply so far
         self.bias = None

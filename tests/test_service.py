@@ -82,7 +82,8 @@ def test_async_iteration_leaves_the_event_loop_free(service):
 
 def test_a_cancelled_reply_ends_and_the_other_goes_on(service, tok_model):
     tok, model = tok_model
-    keep, drop = service.submit("讲一个故事", options=LONG), service.submit("写一篇很长的文章", options=LONG)
+    keep = service.submit("讲一个故事", options=LONG)
+    drop = service.submit("写一篇很长的文章", options=LONG)
     got = []
     for delta in drop:
         got.append(delta)
