@@ -166,7 +166,7 @@ def decode_run(model, ids, new_tokens):
     from chatglm.engine import Engine, Sequence
     from chatglm.validation import GenerationOptions
     engine = Engine(model, kv_budget=1 << 62)
-    options = GenerationOptions(do_sample=False, max_new_tokens=new_tokens + len(ids), max_length=2048)
+    options = GenerationOptions(do_sample=False, max_new_tokens=new_tokens + len(ids) + 1, max_length=2048)
     seqs = [Sequence(row, options, None, model.config) for row in ids.tolist()]  # random ids: no text
     for seq in seqs:
         engine.add(seq)

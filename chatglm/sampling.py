@@ -28,7 +28,7 @@ class Sampler:
     """Next tokens of one sequence. processors: transformers-style callables (ids [1, n], scores [1, V]) -> scores,
     applied after the built-in penalties (kept for callers that still pass logits_processor)."""
 
-    def __init__(self, options: GenerationOptions, processors: Sequence = (), device="cpu"):
+    def __init__(self, options: GenerationOptions, processors: Sequence = ()):
         o = options
         self.greedy = o.greedy
         self.processors = list(processors)
@@ -36,18 +36,14 @@ class Sampler:
         self.repetition = RepetitionPenaltyLogitsProcessor(penalty) if penalty != 1.0 else None
         self.frequency, self.presence = o.frequency_penalty, o.presence_penalty
         self.counts: Optional[torch.Tensor] = None  # how often each token occurs in the reply so far
-        self.bias = None
-        if o.logit_bias:
-            ids, values = zip(*o.logit_bias)
-            self.bias = (torch.tensor(ids, device=device), torch.tensor(values, dtype=torch.float32, device=device))
+        self.logit_bias = o.logit_bias
         # greedy skips the warpers: temperature, top-k and top-p never change which token is the most likely
         self.warpers = [] if self.greedy else [w for w in (
             TemperatureLogitsWarper(o.temperature) if o.temperature != 1.0 else None,
             TopKLogitsWarper(o.top_k) if o.top_k else None,
             TopPLogitsWarper(o.top_p) if o.top_p < 1.0 else None) if w is not None]
-        self.generator = None
-        if o.seed is not None and not self.greedy:
-            self.generator = torch.Generator(device=device).manual_seed(o.seed)
+        self.seed = None if self.greedy else o.seed
+        self.generator = None  # made on the scores' device at the first draw
 
     @property
     def needs_ids(self) -> bool:
@@ -66,9 +62,10 @@ class Sampler:
             if self.counts is None:
                 self.counts = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
             scores = scores - self.counts * self.frequency - (self.counts > 0).to(scores.dtype) * self.presence
-        if self.bias is not None:
+        if self.logit_bias:
+            ids, values = zip(*self.logit_bias)
             scores = scores.clone()
-            scores[:, self.bias[0]] += self.bias[1]
+            scores[:, list(ids)] += torch.tensor(values, dtype=scores.dtype, device=scores.device)
         for processor in self.processors:
             scores = processor(ids, scores)
         scores = guard_invalid(scores)
@@ -76,4 +73,6 @@ class Sampler:
             return int(scores.argmax(-1))
         for warper in self.warpers:
             scores = warper(ids, scores)
+        if self.seed is not None and self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         return int(torch.multinomial(scores.softmax(-1), num_samples=1, generator=self.generator))
