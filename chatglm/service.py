@@ -72,34 +72,46 @@ class Reply:
         return self.result is not None or self.error is not None
 
     def __iter__(self):
-        while True:
-            with self._lock:
-                while not self._items:
-                    self._lock.wait()
-                item = self._items.popleft()
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+        """The deltas; leaving the loop early (break, an exception, Ctrl-C) cancels the reply."""
+        try:
+            while True:
+                with self._lock:
+                    while not self._items:
+                        self._lock.wait()
+                    item = self._items.popleft()
+                if item is _END:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                yield item
+        finally:
+            if not self.done:
+                self.cancel()
 
     async def __aiter__(self):
-        event = asyncio.Event()
+        """The deltas, awaited without blocking the event loop; leaving early (client gone) cancels the reply."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
-            self._waiters.append((asyncio.get_running_loop(), event))
-        while True:
-            with self._lock:
-                item = self._items.popleft() if self._items else None
+            self._waiters.append(waiter)
+        try:
+            while True:
+                with self._lock:
+                    item = self._items.popleft() if self._items else None
+                    if item is None:
+                        waiter[1].clear()
                 if item is None:
-                    event.clear()
-            if item is None:
-                await event.wait()
-            elif item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            else:
-                yield item
+                    await waiter[1].wait()
+                elif item is _END:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                else:
+                    yield item
+        finally:
+            with self._lock:
+                self._waiters.remove(waiter)
+            if not self.done:
+                self.cancel()
 
     # ---- called on the service's threads ---------------------------------------------------------------------
     def _push(self, item):

@@ -95,6 +95,16 @@ def test_a_cancelled_reply_ends_and_the_other_goes_on(service, tok_model):
     assert drop.seq.cache is None
 
 
+def test_leaving_the_loop_early_cancels_the_reply(service):
+    reply = service.submit("写一篇很长的文章", options=GenerationOptions(max_new_tokens=1500, max_length=2048))
+    for _ in reply:
+        break  # the consumer is gone (a closed page, a dropped connection)
+    deadline = time.monotonic() + 30
+    while reply.result is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reply.result.finish_reason == "cancelled" and reply.result.completion_tokens < 1500
+
+
 def test_a_full_queue_refuses_with_a_retry_hint_and_the_queue_drains(tok_model):
     tok, model = tok_model
     with ModelService(model, tok, max_queue=1, kv_budget=1) as service:  # one reply at a time
