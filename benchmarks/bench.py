@@ -9,8 +9,8 @@ bandwidth, measured in the same run (at its start and end). Each precision runs 
 is its own. Threads are pinned (torch.set_num_threads, OMP/MKL_NUM_THREADS); every figure is a median over
 repeated runs with min and max. With fewer than 28 layers the 28-layer row is extrapolated from the time measured
 inside each GLM block (forward hooks): step(28) = step(L) + (28 - L) x block time, per step; bytes, peak RSS and
-load time add 28 - L layers' worth. Decoding goes through model.decode_steps (the stream_chat loop), greedy,
-warpers off.
+load time add 28 - L layers' worth. Decoding goes through chatglm.engine (what chat() and the model service run),
+greedy, one sequence per batch row.
 """
 import argparse
 import json
@@ -161,8 +161,21 @@ def timed_forwards(model, clock, run):
 
 
 def decode_run(model, ids, new_tokens):
-    """The stream_chat loop (decode_steps), greedy, warpers off; yields once per forward."""
-    return model.decode_steps(ids, max_new_tokens=new_tokens, do_sample=False, top_k=0, top_p=1.0, temperature=1.0)
+    """The engine (chatglm/engine.py, what chat() and the service run), greedy: one sequence per row of ids. Yields
+    once after the prefills (one per step, the others decoding meanwhile), then once per decode step of all rows."""
+    from chatglm.engine import Engine, Sequence
+    from chatglm.validation import GenerationOptions
+    engine = Engine(model, kv_budget=1 << 62)
+    options = GenerationOptions(do_sample=False, max_new_tokens=new_tokens + len(ids) + 1, max_length=2048)
+    seqs = [Sequence(row, options, None, model.config) for row in ids.tolist()]  # random ids: no text
+    for seq in seqs:
+        engine.add(seq)
+        engine.step()
+    yield
+    for _ in range(new_tokens):
+        engine.step()
+        assert len(engine.running) == len(seqs)  # no row left early: every step decodes the whole batch
+        yield
 
 
 def summary(values):
@@ -217,7 +230,7 @@ def worker(args):
         samples = []
         for r in range(args.repeats):
             samples += timed_forwards(model, clock, decode_run(model, prompt(batch, 32, cfg, seed=r),
-                                                                args.new_tokens))[1:]  # [0] is the prefill
+                                                                args.new_tokens))[1:]  # [0]: the prefills
         out[key], out[key + "_full"] = per_layer_fit(samples, L)
     clock.close()
     out["peak_rss_bytes"] = peak_rss()

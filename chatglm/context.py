@@ -5,7 +5,7 @@ latency grew each turn, then generation failed). Every front door calls fit_hist
 """
 from typing import List, Tuple
 
-from .chat import build_prompt
+from .text import build_prompt
 
 History = List[Tuple[str, str]]
 

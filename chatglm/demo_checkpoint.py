@@ -48,7 +48,7 @@ def _train_tokenizer(folder: str):
 
 
 def _build_model(folder: str):
-    from .chat import build_prompt
+    from .text import build_prompt
     from .configuration import ChatGLMConfig
     from .modeling import ChatGLMForConditionalGeneration
     from .tokenization import ChatGLMTokenizer

@@ -112,3 +112,23 @@ class KVCache(Cache):
     def __init__(self, config=None, max_length: int = 0, num_layers: int = None):
         n = num_layers if num_layers is not None else config.num_layers
         super().__init__(layers=[KVLayer(max_length) for _ in range(n)])
+
+
+class RaggedCache:
+    """One decode step over sequences of different lengths (chatglm.engine): row i of the batch appends to and
+    attends over caches[i]. The weight matmuls still run once for the whole batch; only attention, which is per
+    sequence anyway, loops over the rows, so every row computes exactly what it would alone."""
+
+    def __init__(self, caches):
+        self.caches = caches
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(c.get_seq_length(layer_idx) for c in self.caches)  # a bound for the rotary table
+
+    def attend(self, layer_idx: int, q, k, v, attention):
+        """q, k, v: [B, nh, 1, hd]; attention(q, keys, values) for one row -> [1, nh, 1, hd]."""
+        out = []
+        for i, cache in enumerate(self.caches):
+            keys, values = cache.update(k[i:i + 1], v[i:i + 1], layer_idx)
+            out.append(attention(q[i:i + 1], keys, values))
+        return torch.cat(out)

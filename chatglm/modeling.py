@@ -18,7 +18,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import ChatGLMConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RaggedCache
+from .positions import glm_anchors, glm_positions
 
 # The original's GLMBlock takes its own num_layers argument (default 28) that the model never passes, so the
 # residual scale is sqrt(2 * 28) for every checkpoint, whatever config.num_layers says.
@@ -112,6 +113,9 @@ class SelfAttention(nn.Module):
         qk = qkv[..., :2 * self.head_dim].unflatten(-1, (2, self.head_dim))  # [B, nh, S, 2, hd]
         qk = qk * cos.unsqueeze(-2) + rotate(qk) * sin.unsqueeze(-2)
         q, k = qk.unbind(-2)
+        if isinstance(cache, RaggedCache):  # the engine's decode step: each row attends over its own cache
+            ctx = cache.attend(self.layer_idx, q, k, v, lambda q, k, v: attention(q, k, v, mask, self.layer_idx + 1))
+            return self.dense(ctx.transpose(1, 2).reshape(B, S, -1))
         if cache is not None:
             if prefix_kv is not None:  # P-Tuning: the (unrotated) prefix goes in front, once, on the first step
                 cache.update(prefix_kv[0], prefix_kv[1], self.layer_idx)
@@ -214,24 +218,10 @@ class ChatGLMModel(nn.Module):
 
     # GLM prefix-LM inputs built from the ids (the model's own rule; the tokenizer's differs, see glm_positions)
     def context_lengths(self, input_ids) -> List[int]:
-        bos = self.config.bos_token_id
-        out = []
-        for row in input_ids.tolist():
-            if bos not in row:
-                raise ValueError(f"input has no <sop> (id {bos}); ChatGLM inputs end with [gMASK] <sop> — "
-                                 f"encode them with the tokenizer (add_special_tokens=True)")
-            out.append(row.index(bos))
-        return out
+        return [glm_anchors(row, self.config)[0] for row in input_ids.tolist()]
 
     def mask_positions(self, input_ids) -> List[int]:
-        gmask, mask = self.config.gmask_token_id, self.config.mask_token_id
-        out = []
-        for row in input_ids.tolist():
-            token = gmask if gmask in row else mask
-            if token not in row:
-                raise ValueError(f"input has neither [gMASK] ({gmask}) nor [MASK] ({mask}); encode it with the tokenizer")
-            out.append(row.index(token))
-        return out
+        return [glm_anchors(row, self.config)[1] for row in input_ids.tolist()]
 
     def build_mask(self, input_ids):
         """[B, 1, S, S] bool, True = blocked: causal, but the whole context (before <sop>) is visible to all."""
@@ -243,13 +233,9 @@ class ChatGLMModel(nn.Module):
 
     def build_position_ids(self, input_ids):
         """[B, 2, S]: absolute positions frozen at the mask position from <sop> on, and block positions 1, 2, ..."""
-        B, S = input_ids.shape
-        pos = torch.arange(S, device=input_ids.device).repeat(B, 1)
-        block = torch.zeros(B, S, dtype=torch.long, device=input_ids.device)
-        for i, (ctx, mpos) in enumerate(zip(self.context_lengths(input_ids), self.mask_positions(input_ids))):
-            pos[i, ctx:] = mpos
-            block[i, ctx:] = torch.arange(1, S - ctx + 1, device=input_ids.device)
-        return torch.stack([pos, block], dim=1)
+        S = input_ids.shape[1]
+        return torch.stack([glm_positions(*glm_anchors(row, self.config), 0, S, device=input_ids.device)
+                            for row in input_ids.tolist()])
 
     def prefix_kv(self, batch_size, dtype, device):
         tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
@@ -406,10 +392,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             if position_ids is not None:
                 position_ids = position_ids[..., -1:]
             else:
-                ctx = self.transformer.context_lengths(input_ids)
-                mpos = self.transformer.mask_positions(input_ids)
-                block = [input_ids.shape[1] - c for c in ctx]
-                position_ids = torch.tensor([mpos, block], dtype=torch.long, device=input_ids.device).T.unsqueeze(-1)
+                S = input_ids.shape[1]
+                position_ids = torch.stack([glm_positions(*glm_anchors(row, self.config), S - 1, S,
+                                                          device=input_ids.device) for row in input_ids.tolist()])
             return {"input_ids": input_ids[:, -1:], "position_ids": position_ids,
                     "attention_mask": mask[:, :, -1:] if mask is not None else None,
                     "cache": cache, "use_cache": use_cache, "logits_to_keep": 1}
@@ -471,4 +456,4 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return load_weights(path, dtype=dtype or torch_dtype, device=device, config=config)
 
     from .beam_search import beam_search as _beam_search  # noqa: E402  (the original's beam ranking)
-    from .chat import chat, decode_steps, stream_chat, stream_generate  # noqa: E402  (methods; the chat logic lives there)
+    from .chat import chat, stream_chat  # noqa: E402  (methods; they run on chatglm.engine)

@@ -22,6 +22,13 @@ _CLEANUP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
+def clean_up_spaces(text: str) -> str:
+    """transformers' clean_up_tokenization_spaces: no space before English punctuation and contractions."""
+    for a, b in _CLEANUP:
+        text = text.replace(a, b)
+    return text
+
+
 def _blank(n: int) -> str:
     return f"<|blank_{n}|>"
 
@@ -256,10 +263,7 @@ class ChatGLMTokenizer:
             return ""
         pieces = self.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
         text = decode_whitespace(self.sp.DecodePieces(pieces))
-        if clean_up_tokenization_spaces:
-            for a, b in _CLEANUP:
-                text = text.replace(a, b)
-        return text
+        return clean_up_spaces(text) if clean_up_tokenization_spaces else text
 
     def batch_decode(self, sequences, **kwargs) -> List[str]:
         if hasattr(sequences, "tolist"):

@@ -66,7 +66,7 @@ def test_generation_writes_one_buffer_in_place(tok_model):
     assert [n for _, n in buffers] == list(range(inputs["input_ids"].shape[1], out.shape[1]))
 
 
-def test_decode_steps_extend_positions_without_rereading_the_ids(tok_model, monkeypatch):
+def test_engine_decoding_extends_positions_without_rereading_the_ids(tok_model, monkeypatch):
     """Positions come from the ids once per sequence (a host sync); each step then adds one to the block position.
     The positions fed to the model must equal what the GLM rule gives for the whole sequence so far."""
     tok, model = tok_model
@@ -81,15 +81,12 @@ def test_decode_steps_extend_positions_without_rereading_the_ids(tok_model, monk
         for n in (3, 16):
             calls.clear()
             fed.clear()
-            steps = model.decode_steps(tok(["你好"], return_tensors="pt")["input_ids"], max_new_tokens=n,
-                                       do_sample=False, top_k=0, top_p=1.0, temperature=1.0)
-            ids = None
-            for ids, _ in steps:
-                pass
+            *_, (reply, _) = model.stream_chat(tok, "你好", max_new_tokens=n, do_sample=False)
             counts[n] = len(calls)
+            ids = torch.cat([kw_ids for kw_ids, _ in fed], dim=1)  # the prompt, then each fed token
             whole = model.transformer.build_position_ids(ids)
             for step, (_, pos) in enumerate(fed[1:], start=1):
-                at = ids.shape[1] - len(fed) + step - 1  # forward i feeds the token at P + i - 1
+                at = fed[0][0].shape[1] + step - 1  # forward i feeds the token at P + i - 1
                 assert pos.tolist() == whole[..., at:at + 1].tolist(), step
     finally:
         hook.remove()
