@@ -15,6 +15,7 @@ import gradio as gr
 from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history
 from chatglm.loading import ModelLoadError
+from chatglm.model_info import describe_model
 from chatglm.options import add_model_args, add_server_args, load_from_args
 
 # upstream's slider ranges and defaults
@@ -64,9 +65,12 @@ def demo_notice(model) -> str:
 
 
 def add_notice(model):
+    """The banner: the demo-model warning (when it is loaded), then what is loaded: model, device, precision,
+    quantization, P-Tuning checkpoint."""
     text = demo_notice(model)
     if text:
         gr.Markdown(text, elem_id="demo-notice")
+    gr.Markdown(describe_model(model), elem_id="model-info")
 
 
 def add_sliders():
