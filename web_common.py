@@ -7,6 +7,7 @@ never inject HTML into the page while Markdown (emphasis, lists, code blocks) st
 import argparse
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -242,10 +243,17 @@ def plan_turn(model, tokenizer, query: str, history: list, max_length):
 @dataclass
 class Conversation:
     """One tab's chat, kept in a gr.State: the raw (query, reply) turns. Clear bumps `epoch`, so a reply still
-    streaming stops writing into a conversation that is gone; `streaming` tells Clear when it has let go."""
+    streaming stops writing into a conversation that is gone; `streaming` tells Clear when it has let go. Stop sets
+    `stopped_at` (time.monotonic()), which ends the turn running then, or starting within STOP_GRACE seconds."""
     turns: list = field(default_factory=list)
     epoch: int = 0
     streaming: bool = False
+    stopped_at: float = float("-inf")
+
+
+# A Stop clicked this long before a turn starts still stops it: Stop pressed right after sending can reach the
+# server before the turn does.
+STOP_GRACE = 1.0
 
 
 _CONVERSATIONS = threading.Condition()  # guards every Conversation (tiny critical sections)
@@ -264,7 +272,7 @@ def turn_handler(model, tokenizer, render):
             yield gr.skip(), gr.skip()
             return
         with _CONVERSATIONS:
-            epoch = conversation.epoch
+            epoch, started = conversation.epoch, time.monotonic()
             conversation.turns.append((query, ""))
             conversation.streaming = True
             view = render(conversation.turns)
@@ -274,16 +282,18 @@ def turn_handler(model, tokenizer, render):
             for reply in replies:
                 with _CONVERSATIONS:
                     cleared = conversation.epoch != epoch
-                    if cleared:
+                    stopped = conversation.stopped_at >= started - STOP_GRACE
+                    if cleared or stopped:  # `reply` is dropped: the turns keep what the browser was sent
                         view = render(conversation.turns)
                     elif isinstance(reply, Waiting):
                         view = gr.skip()  # nothing new, but a point where Stop can close us
                     else:
                         conversation.turns[-1] = (query, reply)
                         view = render(conversation.turns)
-                if cleared:
-                    # This stream's last update is the view Clear left: a browser still painting earlier updates
-                    # of this stream (they queue up while it is busy) then ends on it rather than on a stale reply.
+                if cleared or stopped:
+                    # This stream's last update is the view Clear or Stop left: a browser still painting earlier
+                    # updates of this stream (they queue up while it is busy) then ends on it rather than on a stale
+                    # reply, and what it shows is exactly the history the next turn sees.
                     replies.close()
                     yield gr.skip(), view
                     return
@@ -294,6 +304,14 @@ def turn_handler(model, tokenizer, render):
                 conversation.streaming = False
                 _CONVERSATIONS.notify_all()
     return handle
+
+
+def stop_handler(conversation: Conversation):
+    """The Gradio handler of Stop. Not a Gradio cancel: cancelling a turn that has sent nothing yet marks the page
+    with error badges, and a cancelled turn may have stored a longer reply than the browser got. Instead the turn
+    sees `stopped_at`, ends generation and sends the stored conversation as its last update (see turn_handler)."""
+    with _CONVERSATIONS:
+        conversation.stopped_at = time.monotonic()
 
 
 def clear_handler(render):

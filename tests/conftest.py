@@ -32,6 +32,35 @@ def load_golden(name: str):
     return g, np.load(folder / "golden_arrays.npz")
 
 
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+NO_BROWSER = ("The browser tests need a Chromium and none was found. Install either Debian's "
+              "(`sudo apt-get install chromium`) or Playwright's own (`python -m playwright install chromium`), "
+              "then run the tests again.")
+
+
+def chromium_executable(playwright) -> str:
+    """Debian's Chromium, else the one `python -m playwright install chromium` downloads; None when neither is."""
+    if Path(DEBIAN_CHROMIUM).exists():
+        return DEBIAN_CHROMIUM
+    bundled = playwright.chromium.executable_path
+    return bundled if bundled and Path(bundled).exists() else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright (both installed as README "Tests" says); a missing browser fails the
+    test with what to install, not a traceback."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        executable = chromium_executable(p)
+        if executable is None:
+            pytest.fail(NO_BROWSER, pytrace=False)
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
 @pytest.fixture(scope="session")
 def demo_model_path() -> str:
     """The demo checkpoint in its default place (built on first use), so scripts started by tests without
