@@ -5,6 +5,7 @@ Both pages keep the raw (query, reply) pairs in a gr.State (Conversation) and on
 never inject HTML into the page while Markdown (emphasis, lists, code blocks) still renders.
 """
 import argparse
+import os
 import re
 import threading
 import time
@@ -38,6 +39,9 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     add_model_args(parser)
     add_server_args(parser, port=DEFAULT_PORT, share=True)
+    # Gradio's own variables, which a Hugging Face Space sets (0.0.0.0:7860); unset, the defaults stay loopback
+    parser.set_defaults(host=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        port=int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
     return parser.parse_args(argv)
 
 

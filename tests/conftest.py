@@ -32,7 +32,7 @@ def load_golden(name: str):
     return g, np.load(folder / "golden_arrays.npz")
 
 
-DEBIAN_CHROMIUM = "/usr/bin/chromium"
+DEBIAN_CHROMIUM = os.environ.get("CHATGLM_CHROMIUM") or "/usr/bin/chromium"  # $CHATGLM_CHROMIUM: another one
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 NO_BROWSER = ("The browser tests need a Chromium and none was found. Install either Debian's "
               "(`sudo apt-get install chromium`) or Playwright's own (`python -m playwright install chromium`), "
@@ -40,7 +40,8 @@ NO_BROWSER = ("The browser tests need a Chromium and none was found. Install eit
 
 
 def chromium_executable(playwright) -> str:
-    """Debian's Chromium, else the one `python -m playwright install chromium` downloads; None when neither is."""
+    """Debian's Chromium (or $CHATGLM_CHROMIUM), else the one `python -m playwright install chromium` downloads; None
+    when neither is there."""
     if Path(DEBIAN_CHROMIUM).exists():
         return DEBIAN_CHROMIUM
     bundled = playwright.chromium.executable_path
