@@ -53,7 +53,7 @@ def free_port() -> int:
 def test_quick_start_command_installs_and_serves_the_demo(fresh):
     clone, env = fresh
     port = free_port()
-    command = readme_command("python web_demo.py") + f" --port {port}"
+    command = readme_command("pip install -e . && python web_demo.py") + f" --port {port}"
     log = clone / "quick-start.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -319,3 +319,15 @@ def test_building_the_demo_model_says_what_it_does_with_a_progress_bar(monkeypat
     assert os.path.isfile(os.path.join(folder, "pytorch_model.bin"))
     demo_checkpoint.ensure_demo_checkpoint(folder)  # built: no second build, nothing printed
     assert capsys.readouterr().err == ""
+
+
+def test_the_description_names_quantization_and_the_ptuning_checkpoint(golden_dir):
+    """What every front door shows (web banner, CLI greeting, api.py): a quantized base with a P-Tuning prefix."""
+    from chatglm.model_info import describe_model, public_model_info
+    checkpoint = str(golden_dir / "tiny-ptuning")
+    _, model = load_model(str(golden_dir / "tiny"), quantize=8, ptuning_checkpoint=checkpoint, device="cpu")
+    assert describe_model(model) == (f"Model: {golden_dir / 'tiny'} · cpu · bfloat16 · INT8 weights · "
+                                     f"P-Tuning: {checkpoint} (prefix 8)")
+    public = public_model_info(model)  # for API clients: no directory layout beyond the last parts
+    assert public["name"] == "tiny" and public["ptuning_checkpoint"] == "golden/tiny-ptuning"
+    assert public["quantization_bit"] == 8 and public["pre_seq_len"] == 8 and public["demo"] is False
