@@ -1,5 +1,6 @@
 """web_demo.py and web_demo_old.py as a user meets them: each script runs as a real server on a loopback port with
-the demo checkpoint, and headless Chromium (Debian's or Playwright's, see conftest.browser) types, sends, stops and clears.
+the demo checkpoint, and headless Chromium (Debian's or Playwright's, see conftest.browser) types, sends, stops
+and clears.
 
 Replies are compared with the same model run in this process with Temperature 0 (greedy), so a streamed reply
 that went to the wrong tab, lost its history or was cut short shows up as different words.
