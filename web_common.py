@@ -64,7 +64,7 @@ def demo_notice(model) -> str:
     """Markdown for the banner shown while the demo checkpoint is loaded ("" for real weights)."""
     if not getattr(model, "is_demo", False):
         return ""
-    return ("**Demo checkpoint loaded: this is a tiny model trained for seconds on a few lines, not ChatGLM-6B, "
+    return ("**Demo checkpoint loaded: this is a tiny model trained briefly on a few lines, not ChatGLM-6B, "
             "so its replies are gibberish.** Start the page with `--model-path THUDM/chatglm-6b` (or a local folder "
             "of the weights, or set `CHATGLM_MODEL`) to chat with the real model.")
 
