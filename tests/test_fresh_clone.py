@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODE = os.environ.get("CHATGLM_FRESH_CLONE", "")
-pytestmark = pytest.mark.skipif(not MODE, reason="slow: installs everything in a new venv; set CHATGLM_FRESH_CLONE=1")
+pytestmark = pytest.mark.skipif(not MODE, reason="slow (installs everything in a new venv): set "
+                                                   "CHATGLM_FRESH_CLONE=1 to run it")
 
 
 def readme_command(needle: str) -> str:
