@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history, prompt_length
+from chatglm.model_info import describe_model, public_model_info
 from chatglm.options import add_model_args, add_server_args, load_from_args
 from utils import TextDeltas
 
@@ -540,8 +541,9 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
 
     @app.get("/v1/models")
     async def list_models():
+        # "chatglm": what is loaded (precision, quantization, P-Tuning prefix); OpenAI clients ignore the extra key
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
-                                            "owned_by": "THUDM"}]}
+                                            "owned_by": "THUDM", "chatglm": public_model_info(model)}]}
 
     def to_query_and_history(messages: List[Message]):
         """OpenAI messages -> (query, [(q, a), ...]). System messages are put in front of the first user message
@@ -674,8 +676,8 @@ def main(argv=None):
     app = create_app(tokenizer, model, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue)
 
     import uvicorn
-    log.info("ChatGLM-6B API on http://%s:%d (POST /, /v1/chat/completions, /v1/models, /health)",
-             args.host, args.port)
+    log.info("ChatGLM-6B API on http://%s:%d (POST /, /v1/chat/completions, /v1/models, /health); %s",
+             args.host, args.port, describe_model(model))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
     return 0
 

@@ -8,9 +8,14 @@ was shown stays in the conversation); Ctrl-C or Ctrl-D at the prompt exits.
 """
 import argparse
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 
 from chatglm.context import ContextTooLongError, fit_history
+from chatglm.model_info import describe_model
 from chatglm.options import add_generation_args, add_model_args, check_generation_options, generation_kwargs, \
     load_from_args
 from utils import TextDeltas
@@ -26,7 +31,7 @@ def greet(model, notice=True):
     from chatglm import DEMO_NOTICE
     print(WELCOME)
     print(WELCOME_EN)
-    print(f"Model: {model.name_or_path}")
+    print(describe_model(model))
     if notice and getattr(model, "is_demo", False):
         print(DEMO_NOTICE)
     sys.stdout.flush()
@@ -39,6 +44,36 @@ def clear_screen():
         print("\033[2J\033[H", end="", flush=True)  # clear, cursor home (no `clear` binary or TERM needed)
 
 
+def deliver_ctrl_c_at_the_prompt() -> threading.Event:
+    """Makes Ctrl-C at the prompt end input() every time (POSIX). Returns the event to set while at the prompt.
+
+    CPython's readline loop looks at signals only when its select() is interrupted, so a SIGINT that lands after the
+    prompt is printed but before select() blocks (a Ctrl-C typed just as a reply ends) waited for the next key. The
+    signal module writes each signal's number to a wakeup socket; a thread reading it nudges the main thread with
+    no-op SIGUSR1s while it is at the prompt, and the first nudge that finds select() waiting lets the
+    KeyboardInterrupt through. (Not outside the prompt: there Python sees the signal at once, and the nudges would
+    only interrupt readline reading the next message.)"""
+    at_prompt = threading.Event()
+    if not hasattr(signal, "pthread_kill"):
+        return at_prompt
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    at_prompt.wakeup_socket = send  # kept open as long as the signal module writes to it
+    main_thread = threading.main_thread().ident
+
+    def nudge():
+        while data := receive.recv(64):
+            for _ in range(40 if signal.SIGINT in data else 0):
+                if not at_prompt.is_set():
+                    break
+                signal.pthread_kill(main_thread, signal.SIGUSR1)
+                time.sleep(0.05)
+    threading.Thread(target=nudge, daemon=True, name="ctrl-c").start()
+    return at_prompt
+
+
 def reply(model, tokenizer, query, history, args):
     """Streams one answer to stdout and returns the new history. Ctrl-C stops generation and keeps what was shown."""
     print(BOT_LABEL, end="", flush=True)
@@ -48,11 +83,11 @@ def reply(model, tokenizer, query, history, args):
         for response, new_history in gen:
             print(deltas.step(response), end="", flush=True)
         print(deltas.finish(response), flush=True)
-    except KeyboardInterrupt:
+        return new_history if new_history is not None else history
+    except KeyboardInterrupt:  # also one that arrives as the reply ends: it is then shown whole and kept
         gen.close()  # stops decoding now
         print(INTERRUPTED, flush=True)
         return history + [(query, deltas.sent)] if deltas.sent else history
-    return new_history if new_history is not None else history
 
 
 def main(argv=None):
@@ -79,12 +114,16 @@ def main(argv=None):
 
     history = []
     greet(model, notice=False)  # load_model has just printed the demo notice
+    at_prompt = deliver_ctrl_c_at_the_prompt()
     while True:
         try:
+            at_prompt.set()
             query = input(USER_PROMPT)
         except (KeyboardInterrupt, EOFError):
             print()
             return 0
+        finally:
+            at_prompt.clear()
         command = query.strip()
         if not command:
             continue

@@ -5,8 +5,10 @@ Both pages keep the raw (query, reply) pairs in a gr.State (Conversation) and on
 never inject HTML into the page while Markdown (emphasis, lists, code blocks) still renders.
 """
 import argparse
+import os
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -15,6 +17,7 @@ import gradio as gr
 from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history
 from chatglm.loading import ModelLoadError
+from chatglm.model_info import describe_model
 from chatglm.options import add_model_args, add_server_args, load_from_args
 
 # upstream's slider ranges and defaults
@@ -36,6 +39,9 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     add_model_args(parser)
     add_server_args(parser, port=DEFAULT_PORT, share=True)
+    # Gradio's own variables, which a Hugging Face Space sets (0.0.0.0:7860); unset, the defaults stay loopback
+    parser.set_defaults(host=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        port=int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
     return parser.parse_args(argv)
 
 
@@ -58,15 +64,18 @@ def demo_notice(model) -> str:
     """Markdown for the banner shown while the demo checkpoint is loaded ("" for real weights)."""
     if not getattr(model, "is_demo", False):
         return ""
-    return ("**Demo checkpoint loaded: this is a tiny model trained for seconds on a few lines, not ChatGLM-6B, "
+    return ("**Demo checkpoint loaded: this is a tiny model trained briefly on a few lines, not ChatGLM-6B, "
             "so its replies are gibberish.** Start the page with `--model-path THUDM/chatglm-6b` (or a local folder "
             "of the weights, or set `CHATGLM_MODEL`) to chat with the real model.")
 
 
 def add_notice(model):
+    """The banner: the demo-model warning (when it is loaded), then what is loaded: model, device, precision,
+    quantization, P-Tuning checkpoint."""
     text = demo_notice(model)
     if text:
         gr.Markdown(text, elem_id="demo-notice")
+    gr.Markdown(describe_model(model), elem_id="model-info")
 
 
 def add_sliders():
@@ -238,10 +247,17 @@ def plan_turn(model, tokenizer, query: str, history: list, max_length):
 @dataclass
 class Conversation:
     """One tab's chat, kept in a gr.State: the raw (query, reply) turns. Clear bumps `epoch`, so a reply still
-    streaming stops writing into a conversation that is gone; `streaming` tells Clear when it has let go."""
+    streaming stops writing into a conversation that is gone; `streaming` tells Clear when it has let go. Stop sets
+    `stopped_at` (time.monotonic()), which ends the turn running then, or starting within STOP_GRACE seconds."""
     turns: list = field(default_factory=list)
     epoch: int = 0
     streaming: bool = False
+    stopped_at: float = float("-inf")
+
+
+# A Stop clicked this long before a turn starts still stops it: Stop pressed right after sending can reach the
+# server before the turn does.
+STOP_GRACE = 1.0
 
 
 _CONVERSATIONS = threading.Condition()  # guards every Conversation (tiny critical sections)
@@ -260,7 +276,7 @@ def turn_handler(model, tokenizer, render):
             yield gr.skip(), gr.skip()
             return
         with _CONVERSATIONS:
-            epoch = conversation.epoch
+            epoch, started = conversation.epoch, time.monotonic()
             conversation.turns.append((query, ""))
             conversation.streaming = True
             view = render(conversation.turns)
@@ -270,16 +286,18 @@ def turn_handler(model, tokenizer, render):
             for reply in replies:
                 with _CONVERSATIONS:
                     cleared = conversation.epoch != epoch
-                    if cleared:
+                    stopped = conversation.stopped_at >= started - STOP_GRACE
+                    if cleared or stopped:  # `reply` is dropped: the turns keep what the browser was sent
                         view = render(conversation.turns)
                     elif isinstance(reply, Waiting):
                         view = gr.skip()  # nothing new, but a point where Stop can close us
                     else:
                         conversation.turns[-1] = (query, reply)
                         view = render(conversation.turns)
-                if cleared:
-                    # This stream's last update is the view Clear left: a browser still painting earlier updates
-                    # of this stream (they queue up while it is busy) then ends on it rather than on a stale reply.
+                if cleared or stopped:
+                    # This stream's last update is the view Clear or Stop left: a browser still painting earlier
+                    # updates of this stream (they queue up while it is busy) then ends on it rather than on a stale
+                    # reply, and what it shows is exactly the history the next turn sees.
                     replies.close()
                     yield gr.skip(), view
                     return
@@ -290,6 +308,14 @@ def turn_handler(model, tokenizer, render):
                 conversation.streaming = False
                 _CONVERSATIONS.notify_all()
     return handle
+
+
+def stop_handler(conversation: Conversation):
+    """The Gradio handler of Stop. Not a Gradio cancel: cancelling a turn that has sent nothing yet marks the page
+    with error badges, and a cancelled turn may have stored a longer reply than the browser got. Instead the turn
+    sees `stopped_at`, ends generation and sends the stored conversation as its last update (see turn_handler)."""
+    with _CONVERSATIONS:
+        conversation.stopped_at = time.monotonic()
 
 
 def clear_handler(render):

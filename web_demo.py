@@ -38,12 +38,13 @@ def build_demo(tokenizer, model) -> gr.Blocks:
                 max_length, top_p, temperature = web.add_sliders()
                 repetition_penalty, top_k, stop_strings = web.add_more_controls()
 
-        chat = gr.on([submit.click, query.submit], web.turn_handler(model, tokenizer, render=messages),
+        gr.on([submit.click, query.submit], web.turn_handler(model, tokenizer, render=messages),
                      inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
                              stop_strings], outputs=[query, chatbot],
                      concurrency_limit=None,  # web.MODEL_QUEUE, not Gradio, lines the turns up
                      trigger_mode="always_last")  # a message sent during a reply goes once the reply ends
-        stop.click(None, cancels=[chat])
+        stop.click(web.stop_handler, inputs=[conversation], outputs=None, concurrency_limit=None,
+                   show_progress="hidden")
         for clicked in (clear.click, chatbot.clear):  # Clear History, and the chatbot's own trash-can button
             clicked(web.clear_handler(render=messages), inputs=[conversation], outputs=[chatbot],
                     concurrency_limit=None)

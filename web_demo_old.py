@@ -21,6 +21,8 @@ def build_demo(tokenizer, model) -> gr.Blocks:
         gr.Markdown("# ChatGLM-6B")
         web.add_notice(model)
         conversation = gr.State(web.Conversation())
+        # the conversation first, the controls below it, as upstream laid this page out
+        transcript_view = gr.Markdown(elem_id="transcript", min_height=200, line_breaks=True)
         with gr.Row():
             with gr.Column(scale=4):
                 query = gr.Textbox(show_label=False, placeholder="Enter text and press enter", lines=1, max_lines=11,
@@ -32,13 +34,13 @@ def build_demo(tokenizer, model) -> gr.Blocks:
             with gr.Column(scale=1):
                 max_length, top_p, temperature = web.add_sliders()
                 repetition_penalty, top_k, stop_strings = web.add_more_controls()
-        transcript_view = gr.Markdown(elem_id="transcript", min_height=200, line_breaks=True)
 
-        chat = gr.on([generate.click, query.submit], web.turn_handler(model, tokenizer, render=transcript),
+        gr.on([generate.click, query.submit], web.turn_handler(model, tokenizer, render=transcript),
                      inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
                              stop_strings], outputs=[query, transcript_view],
                      concurrency_limit=None, trigger_mode="always_last")  # sent during a reply: goes after it
-        stop.click(None, cancels=[chat])
+        stop.click(web.stop_handler, inputs=[conversation], outputs=None, concurrency_limit=None,
+                   show_progress="hidden")
         clear.click(web.clear_handler(render=transcript), inputs=[conversation], outputs=[transcript_view],
                     concurrency_limit=None)
     return demo

@@ -1,6 +1,6 @@
 """Largest |Δlogit| against the original implementation, per golden folder and case (a report, not a test).
 
-    python benchmarks/parity_report.py [--golden ../shared/golden]
+    python benchmarks/parity_report.py [--golden tests/golden]
 """
 import argparse
 import json
@@ -61,7 +61,7 @@ def training_diff(model, g, arrays):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--golden", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
+    p.add_argument("--golden", default=os.path.join(os.path.dirname(__file__), "..", "tests", "golden"))
     args = p.parse_args()
     torch.set_num_threads(2)
     print(f"{'folder':<18} {'case':<36} {'max |Δ|':>10}")

@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 import torch
+from tqdm.auto import tqdm
 
 VERSION = 1
 CORPUS = os.path.join(os.path.dirname(__file__), "demo_corpus.txt")
@@ -73,11 +74,13 @@ def _build_model(folder: str):
     labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in examples])
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(TRAIN_STEPS):
+    steps = tqdm(range(TRAIN_STEPS), desc="training the demo model", unit="step", file=sys.stderr)
+    for _ in steps:
         loss = model(input_ids=inputs, labels=labels, use_cache=False).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
+        steps.set_postfix(loss=f"{loss.item():.2f}", refresh=False)
     model.eval()
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
@@ -100,6 +103,9 @@ def ensure_demo_checkpoint(folder: str = None) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-build-", dir=parent)
     os.chmod(tmp, 0o755)
+    # the first run's only wait (about a minute on 2 CPU cores): say what is happening and how far it has got
+    print(f"Building the demo model in {folder} (first run only; later runs load it at once). Training its "
+          f"tokenizer...", file=sys.stderr, flush=True)
     try:
         _train_tokenizer(tmp)
         _build_model(tmp)

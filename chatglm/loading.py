@@ -401,4 +401,5 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
     # also when the demo folder is named explicitly: its config carries a marker
     model.is_demo = is_demo or bool(getattr(config, "chatglm_demo_version", None))
     model.name_or_path = str(path)
+    model.ptuning_checkpoint = str(ptuning_checkpoint) if ptuning_checkpoint else None  # shown by the front doors
     return tokenizer, model

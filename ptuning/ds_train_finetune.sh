@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 
 LR=${LR:-1e-4}
 NUM_GPUS=${NUM_GPUS:-4}
-MODEL=${MODEL:-${CHATGLM_MODEL:-THUDM/chatglm-6b}}
+MODEL=${MODEL:-${CHATGLM_MODEL:-}}  # empty: main.py loads the demo model
 DATA_DIR=${DATA_DIR:-AdvertiseGen}
 OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-chatglm-6b-ft-$LR}
 
@@ -19,7 +19,7 @@ torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" main.py \
     --prompt_column content \
     --response_column summary \
     --overwrite_cache \
-    --model_name_or_path "$MODEL" \
+    ${MODEL:+--model_name_or_path "$MODEL"} \
     --output_dir "$OUTPUT_DIR" \
     --overwrite_output_dir \
     --max_source_length 64 \

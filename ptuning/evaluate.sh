@@ -11,20 +11,22 @@ PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
 CHECKPOINT=${CHECKPOINT:-adgen-chatglm-6b-pt-128-2e-2}
 STEP=${STEP:-3000}
 NUM_GPUS=${NUM_GPUS:-1}
-MODEL=${MODEL:-${CHATGLM_MODEL:-THUDM/chatglm-6b}}
+MODEL=${MODEL:-${CHATGLM_MODEL:-}}  # empty: main.py loads the demo model
 DATA_DIR=${DATA_DIR:-AdvertiseGen}
 QUANTIZATION_BIT=${QUANTIZATION_BIT-4}
 PTUNING_CHECKPOINT=${PTUNING_CHECKPOINT:-output/$CHECKPOINT/checkpoint-$STEP}
 OUTPUT_DIR=${OUTPUT_DIR:-output/$CHECKPOINT}
 
-torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" main.py \
+# One process runs as plain python; several under torchrun (which, on an error, adds its own report after ours).
+if [ "$NUM_GPUS" = 1 ]; then LAUNCH=(python3); else LAUNCH=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS"); fi
+"${LAUNCH[@]}" main.py \
     --do_predict \
     --validation_file "$DATA_DIR/dev.json" \
     --test_file "$DATA_DIR/dev.json" \
     --overwrite_cache \
     --prompt_column content \
     --response_column summary \
-    --model_name_or_path "$MODEL" \
+    ${MODEL:+--model_name_or_path "$MODEL"} \
     --ptuning_checkpoint "$PTUNING_CHECKPOINT" \
     --output_dir "$OUTPUT_DIR" \
     --overwrite_output_dir \

@@ -12,7 +12,9 @@ DATA_DIR=${DATA_DIR:-AdvertiseGen}
 MODEL_CHECKPOINT=${MODEL_CHECKPOINT:-output/$CHECKPOINT/checkpoint-$STEP}
 OUTPUT_DIR=${OUTPUT_DIR:-output/$CHECKPOINT}
 
-torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" main.py \
+# One process runs as plain python; several under torchrun (which, on an error, adds its own report after ours).
+if [ "$NUM_GPUS" = 1 ]; then LAUNCH=(python3); else LAUNCH=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS"); fi
+"${LAUNCH[@]}" main.py \
     --do_predict \
     --validation_file "$DATA_DIR/dev.json" \
     --test_file "$DATA_DIR/dev.json" \

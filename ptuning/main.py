@@ -149,7 +149,6 @@ def main(argv=None):
     training_args.remove_unused_columns = False  # our collators build exactly the model's inputs from each row
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning is for GPU copies; on CPU it only warns
-    logger.info("training/evaluation parameters %s", training_args)
     set_seed(training_args.seed)
 
     # ---- model ----------------------------------------------------------------------------------------------
@@ -169,6 +168,8 @@ def main(argv=None):
                                       ptuning_checkpoint=model_args.ptuning_checkpoint)
     except ModelLoadError as e:
         raise SystemExit(f"error: {e}") from None
+    # logged once the model has loaded, so that a load error is the first thing a user reads, not the last
+    logger.info("training/evaluation parameters %s", training_args)
     unpack(model)  # a model loaded for CPU inference holds oneDNN-packed weights; training needs them as Parameters
     if prefix_tuning:
         model.transformer.prefix_encoder.float()  # trained in fp32 over a frozen (fp16/int4/int8) base

@@ -9,13 +9,15 @@ cd "$(dirname "$0")"
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
 LR=${LR:-1e-2}
 NUM_GPUS=${NUM_GPUS:-1}
-MODEL=${MODEL:-${CHATGLM_MODEL:-THUDM/chatglm-6b}}
+MODEL=${MODEL:-${CHATGLM_MODEL:-}}  # empty: main.py loads the demo model
 CHAT_TRAIN_DATA=${CHAT_TRAIN_DATA:-data/chat-sample/train.json}
 CHAT_VAL_DATA=${CHAT_VAL_DATA:-data/chat-sample/dev.json}
 QUANTIZATION_BIT=${QUANTIZATION_BIT-4}
 CHECKPOINT_NAME=${CHECKPOINT_NAME:-output/chat-chatglm-6b-pt-$PRE_SEQ_LEN-$LR}
 
-torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" main.py \
+# One process runs as plain python; several under torchrun (which, on an error, adds its own report after ours).
+if [ "$NUM_GPUS" = 1 ]; then LAUNCH=(python3); else LAUNCH=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS"); fi
+"${LAUNCH[@]}" main.py \
     --do_train \
     --train_file "$CHAT_TRAIN_DATA" \
     --validation_file "$CHAT_VAL_DATA" \
@@ -23,7 +25,7 @@ torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" main.py \
     --response_column response \
     --history_column history \
     --overwrite_cache \
-    --model_name_or_path "$MODEL" \
+    ${MODEL:+--model_name_or_path "$MODEL"} \
     --output_dir "$CHECKPOINT_NAME" \
     --overwrite_output_dir \
     --max_source_length 256 \

@@ -12,24 +12,54 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts and the chatglm package run from the repo root
-GOLDEN = ROOT.parent / "shared" / "golden"
+# The original implementation's outputs on tiny checkpoints (see tests/golden/README.md), kept in the repository so
+# that every clone checks parity.
+GOLDEN = ROOT / "tests" / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden data not found at {GOLDEN} (it sits beside the repo in CI; a user's clone has none)")
+    assert GOLDEN.is_dir(), f"golden data missing at {GOLDEN}: it is part of the repository (git checkout it)"
     return GOLDEN
 
 
 def load_golden(name: str):
-    """(golden.json dict, npz arrays) of one golden folder; skips when ../shared/golden is absent."""
+    """(golden.json dict, npz arrays) of one golden folder under tests/golden."""
     folder = GOLDEN / name
-    if not folder.is_dir():
-        pytest.skip(f"golden folder {folder} not found (only present beside the repo in CI)")
+    assert folder.is_dir(), f"golden folder {folder} missing: it is part of the repository (git checkout it)"
     with open(folder / "golden.json", encoding="utf-8") as f:
         g = json.load(f)
     return g, np.load(folder / "golden_arrays.npz")
+
+
+DEBIAN_CHROMIUM = os.environ.get("CHATGLM_CHROMIUM") or "/usr/bin/chromium"  # $CHATGLM_CHROMIUM: another one
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+NO_BROWSER = ("The browser tests need a Chromium and none was found. Install either Debian's "
+              "(`sudo apt-get install chromium`) or Playwright's own (`python -m playwright install chromium`), "
+              "then run the tests again.")
+
+
+def chromium_executable(playwright) -> str:
+    """Debian's Chromium (or $CHATGLM_CHROMIUM), else the one `python -m playwright install chromium` downloads; None
+    when neither is there."""
+    if Path(DEBIAN_CHROMIUM).exists():
+        return DEBIAN_CHROMIUM
+    bundled = playwright.chromium.executable_path
+    return bundled if bundled and Path(bundled).exists() else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright (both installed as README "Tests" says); a missing browser fails the
+    test with what to install, not a traceback."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        executable = chromium_executable(p)
+        if executable is None:
+            pytest.fail(NO_BROWSER, pytrace=False)
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="session")

@@ -254,6 +254,18 @@ def test_openai_client_lists_the_model(server, client, ref, demo_model_path):
     assert [m.id for m in client.models.list()] == [served_name(ref, demo_model_path)]
 
 
+def test_models_and_the_start_up_line_say_what_is_loaded(server, demo_model_path):
+    """/v1/models carries what is loaded (an extra "chatglm" field that OpenAI clients ignore), and the start-up
+    line in the terminal says the same."""
+    info = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["chatglm"]
+    assert info == {"name": "demo", "demo": True, "device": "cpu", "dtype": "float32", "quantization_bit": None,
+                    "quantized_embeddings": False, "ptuning_checkpoint": None, "pre_seq_len": None}
+    start_up = [line for line in server.log().splitlines() if "ChatGLM-6B API on http://127.0.0.1:" in line]
+    assert len(start_up) == 1
+    assert start_up[0].endswith(f"Model: demo model, NOT ChatGLM-6B ({demo_model_path}) · cpu · float32 · "
+                                f"not quantized"), start_up
+
+
 def test_openai_client_chat_completion_matches_the_model(client, ref):
     messages = [{"role": "system", "content": "回答要简短。"}, {"role": "user", "content": "你好"},
                 {"role": "assistant", "content": "Here. name"}, {"role": "user", "content": "hello"}]

@@ -57,7 +57,9 @@ def finish(child):
 def test_chat_with_line_editing_wide_characters_clear_and_stop(demo_model_path, ref):
     child = spawn(demo_model_path, "--max-length", "200")
     greeting = text(child.before)
-    assert WELCOME in greeting and f"Model: {demo_model_path}" in greeting and DEMO_NOTICE in greeting
+    assert WELCOME in greeting and DEMO_NOTICE in greeting
+    # what is loaded: the demo model's folder, device, precision, quantization
+    assert f"Model: demo model, NOT ChatGLM-6B ({demo_model_path}) · cpu · float32 · not quantized" in greeting
 
     # type 你X好, step left over the wide 好, delete the X: the model must be asked "你好"
     assert greedy(ref, "你好") != greedy(ref, "你X好")
@@ -99,6 +101,20 @@ def test_ctrl_c_stops_a_reply_keeps_it_and_ctrl_c_at_the_prompt_exits(demo_model
     child.sendintr()
     assert finish(child) == 0
     assert "Traceback" not in text(child.before)
+
+
+def test_ctrl_c_the_moment_a_reply_ends_still_exits(demo_model_path):
+    """Ctrl-C sent as soon as the prompt is back (it used to land before readline waited for keys, and wait for the
+    next key press). Each of two sessions gets it the instant its reply ends, and must exit promptly with status 0."""
+    for _ in range(2):
+        child = spawn(demo_model_path, "--max-length", "40")
+        child.send("hello\r")
+        child.expect_exact(LABEL)
+        child.expect_exact(PROMPT)  # the short reply has ended
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=10)
+        child.close()
+        assert child.exitstatus == 0, text(child.before)
 
 
 def test_ctrl_d_at_the_prompt_exits_cleanly(demo_model_path):

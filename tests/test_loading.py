@@ -8,6 +8,7 @@ import torch
 
 import chatglm
 from chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer, ModelLoadError, load_model
+from chatglm import demo_checkpoint
 from chatglm.loading import read_state_dict
 
 
@@ -301,3 +302,28 @@ def test_packed_embedding_rows_and_logits_are_exact_across_chunks(demo_model_pat
         assert torch.equal(embedding(everything), dense[everything])
         x = torch.randn(2, 3, dense.shape[1]).to(dense.dtype)
         assert same_logits(model.lm_head(x), torch.nn.functional.linear(x, dense), dtype)
+
+
+def test_building_the_demo_model_says_what_it_does_with_a_progress_bar(monkeypatch, capsys, tmp_path):
+    """The first run's wait is explained: where the demo model goes, then a progress bar over its training steps
+    (the real build has 120 steps; 3 keep this test short)."""
+    monkeypatch.setattr(demo_checkpoint, "TRAIN_STEPS", 3)
+    folder = demo_checkpoint.ensure_demo_checkpoint(str(tmp_path / "demo"))
+    err = capsys.readouterr().err
+    assert f"Building the demo model in {folder} (first run only" in err
+    assert "training the demo model" in err and "3/3" in err and "loss=" in err
+    assert os.path.isfile(os.path.join(folder, "pytorch_model.bin"))
+    demo_checkpoint.ensure_demo_checkpoint(folder)  # built: no second build, nothing printed
+    assert capsys.readouterr().err == ""
+
+
+def test_the_description_names_quantization_and_the_ptuning_checkpoint(golden_dir):
+    """What every front door shows (web banner, CLI greeting, api.py): a quantized base with a P-Tuning prefix."""
+    from chatglm.model_info import describe_model, public_model_info
+    checkpoint = str(golden_dir / "tiny-ptuning")
+    _, model = load_model(str(golden_dir / "tiny"), quantize=8, ptuning_checkpoint=checkpoint, device="cpu")
+    assert describe_model(model) == (f"Model: {golden_dir / 'tiny'} · cpu · bfloat16 · INT8 weights · "
+                                     f"P-Tuning: {checkpoint} (prefix 8)")
+    public = public_model_info(model)  # for API clients: no directory layout beyond the last parts
+    assert public["name"] == "tiny" and public["ptuning_checkpoint"] == "golden/tiny-ptuning"
+    assert public["quantization_bit"] == 8 and public["pre_seq_len"] == 8 and public["demo"] is False

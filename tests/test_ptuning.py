@@ -392,3 +392,63 @@ def test_a_prefix_checkpoint_with_another_prefix_length_is_refused(golden_dir, t
               "--model_name_or_path", str(golden_dir / "tiny"), "--ptuning_checkpoint",
               str(golden_dir / "tiny-ptuning"), "--pre_seq_len", "128", "--output_dir", str(tmp_path / "o")])
     assert "pre_seq_len" in str(e.value)
+
+
+# ---- the README's "try it first" commands, verbatim, on the demo model -------------------------------------------
+
+def readme_demo_commands():
+    """The three commands of ptuning/README_en.md's "Try it first" block (train, evaluate, web demo)."""
+    text = (PTUNING / "README_en.md").read_text(encoding="utf-8")
+    section = text[text.index("## Try it first"):]
+    block = section[section.index("```bash\n") + 8:section.index("```", section.index("```bash\n") + 8)]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert [c.split("bash ")[1].split()[0] for c in commands] == ["train.sh", "evaluate.sh", "web_demo.sh"]
+    return commands
+
+
+def demo_env():
+    """A user's shell with no model named: the scripts must choose the demo model themselves."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "CHATGLM_MODEL")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def test_readme_demo_commands_train_evaluate_and_serve_on_the_demo_model(demo_model_path):
+    train, evaluate, serve = readme_demo_commands()
+    out = PTUNING / "output" / "adgen-chatglm-6b-pt-128-2e-2"
+    for command in (train, evaluate):
+        proc = subprocess.run(["bash", "-c", command], cwd=PTUNING, env=demo_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{command}\n{(proc.stdout + proc.stderr)[-4000:]}"
+        assert "NOTICE: running the built-in DEMO checkpoint" in proc.stdout + proc.stderr
+    assert json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
+    assert len((out / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()) == 8
+    assert "predict_bleu-4" in json.loads((out / "predict_results.json").read_text())
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["bash", "-c", f"{serve} --port {port}"], cwd=PTUNING, env=demo_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, page = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None and page is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page, proc.stdout.read() if proc.poll() is not None else "no answer in 120 s"
+        # the banner names the demo model and the P-Tuning checkpoint in use
+        assert "Model: demo model, NOT ChatGLM-6B" in page
+        assert "P-Tuning: output/adgen-chatglm-6b-pt-128-2e-2/checkpoint-20 (prefix 128)" in page
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_model_that_does_not_load_is_the_first_and_only_thing_train_sh_prints(tmp_path):
+    env = {**demo_env(), "MODEL": str(tmp_path / "missing"), "DATA_DIR": "data/AdvertiseGen-sample"}
+    proc = subprocess.run(["bash", str(PTUNING / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode != 0
+    assert output.splitlines() == [output.splitlines()[0]] and output.startswith("error: model folder"), output
+    assert str(tmp_path / "missing") in output

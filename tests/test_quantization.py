@@ -1,5 +1,5 @@
 """INT8 / INT4 weight-only quantization: the original's integers and scales, its logits and generations
-(../shared/golden/tiny-int8, tiny-int4), the official file format, the CPU kernels, gradients, and memory."""
+(tests/golden/tiny-int8, tiny-int4), the official file format, the CPU kernels, gradients, and memory."""
 import copy
 import os
 import subprocess

@@ -1,5 +1,6 @@
 """web_demo.py and web_demo_old.py as a user meets them: each script runs as a real server on a loopback port with
-the demo checkpoint, and headless Chromium (Debian's, driven by Playwright) types, sends, stops and clears.
+the demo checkpoint, and headless Chromium (Debian's or Playwright's, see conftest.browser) types, sends, stops
+and clears.
 
 Replies are compared with the same model run in this process with Temperature 0 (greedy), so a streamed reply
 that went to the wrong tab, lost its history or was cut short shows up as different words.
@@ -20,8 +21,6 @@ from chatglm import build_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCRIPTS = ["web_demo.py", "web_demo_old.py"]
 
 # On the demo checkpoint these two have greedy replies of a few tokens (so second-turn prompts stay far below the
@@ -145,19 +144,6 @@ def server(request, demo_model_path, tmp_path_factory):  # demo_model_path: buil
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} missing: .ci/run must apt-get install chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 class ChatPage:
     """The few things a user does on either page, and what they see there."""
 
@@ -273,6 +259,9 @@ def test_page_shows_demo_notice_and_upstream_sliders(server, chat_page):
     notice = page.locator("#demo-notice")
     assert notice.is_visible()
     assert "--model-path" in notice.inner_text() and "not ChatGLM-6B" in notice.inner_text()
+    # what is loaded: the demo model's folder, device, precision, quantization
+    assert page.locator("#model-info").inner_text().startswith("Model: demo model, NOT ChatGLM-6B (")
+    assert "· cpu · float32 · not quantized" in page.locator("#model-info").inner_text()
     for elem_id, (lo, hi, default, step) in {"max-length": (0, 4096, 2048, 1), "top-p": (0, 1, 0.7, 0.01),
                                               "temperature": (0, 1, 0.95, 0.01)}.items():
         slider = page.locator(f"#{elem_id} input[type=range]")
@@ -385,9 +374,9 @@ def test_stop_ends_generation_at_once_and_keeps_the_partial_reply(server, chat_p
     matches = [i for i, p in enumerate(prefixes) if words(p) == shown]
     assert matches, f"shown reply {shown!r} is not a prefix of the model's reply"
 
-    # the stopped reply stays in the history (the server may hold one token more than it managed to show);
+    # the stopped reply stays in the history exactly as shown (Stop's last update is the stored conversation);
     # Maximum length is set so the whole history fits in the prompt (chatglm.context.fit_history) with a short reply
-    held = [prefixes[i] for i in matches + [matches[-1] + 1]]
+    held = [prefixes[i] for i in matches]
     prompt_len = len(tokenizer.encode(build_prompt(SHORT_Q2, [(LONG_Q, held[-1])])))
     max_length = prompt_len * 4 // 3 + 4
     chat.set_slider("max-length", max_length)
@@ -397,6 +386,30 @@ def test_stop_ends_generation_at_once_and_keeps_the_partial_reply(server, chat_p
     while chat.last_reply() not in candidates and time.time() < deadline:
         time.sleep(0.05)
     assert chat.last_reply() in candidates, f"second turn {chat.turns()} did not follow the stopped reply"
+
+
+def test_stop_right_after_sending_ends_the_turn_without_an_error_or_a_reply(server, chat_page, model):
+    """Send and Stop in the same instant (the Stop reaches the server before the turn starts): no error badge, no
+    reply, and the next turn sees the stopped message with the empty reply the page shows."""
+    chat = chat_page()
+    chat.greedy_settings(max_length=300)
+    chat.box.fill(LONG_Q)
+    chat.page.evaluate("ids => { document.querySelector(ids[0]).click(); document.querySelector('#stop').click(); }",
+                       ["#generate" if chat.old else "#submit"])
+    chat.page.wait_for_function("([js, old]) => eval(js)(old)[0].length", arg=[ChatPage.JS_TURNS, chat.old])
+    time.sleep(2)  # a reply that was not stopped would be streaming by now
+    assert chat.turns() == ([words(LONG_Q)], [])
+    assert chat.page.get_by_text(re.compile(r"^\s*Error\s*$")).count() == 0
+    chat.send(SHORT_Q1)
+    chat.wait_reply(greedy(model, SHORT_Q1, [(LONG_Q, "")], max_length=300))
+
+
+def test_the_conversation_comes_first_and_the_controls_below_it(server, chat_page):
+    """Both pages as upstream laid them out: the chat at the top, the text box and buttons under it."""
+    chat = chat_page()
+    conversation = chat.page.locator("#transcript" if chat.old else "#chatbot").bounding_box()
+    box = chat.page.locator("#query").bounding_box()
+    assert conversation["y"] + conversation["height"] <= box["y"], (conversation, box)
 
 
 def test_message_sent_during_a_reply_goes_after_it_and_old_turns_make_room(server, chat_page, model):
