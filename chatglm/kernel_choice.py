@@ -76,6 +76,14 @@ def _install(fmt: str, plan: dict, forced: dict):
                 quantization.INT8_LAYOUT[dtype] = p["layout"]
 
 
+def reset():
+    """The defaults back in force (and CHATGLM_KERNELS over them)."""
+    forced = _forced()
+    _sources.clear()
+    for fmt in FORMATS:
+        _install(fmt, DEFAULTS[fmt], forced)
+
+
 def dense_layout(dtype: torch.dtype) -> str:
     """"onednn" (pack the dense weights, chatglm/cpu_pack.py) or "mkl" (leave them to F.linear)."""
     fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
