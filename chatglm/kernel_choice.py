@@ -9,7 +9,7 @@ model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batc
         a call dequantizes a tile at a time and runs the dense GEMM ("dequant").
 CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=dequant,int8.fused_max_rows=32" (int8/int4
 also take "fused" and "dequant"); forced int8/int4 entries apply to float32 activations too. CHATGLM_KERNEL_TIMING=0
-takes the defaults without timing; =1 times even tiny models (which otherwise take the defaults).
+takes the defaults without timing; =1 times even tiny models and under pytest (which otherwise take the defaults).
 Timings and why each candidate can win: benchmarks/README.md.
 """
 import datetime
@@ -35,7 +35,7 @@ DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn"},
             "int8": {"layout": "nibble", "fused_max_rows": 24}, "int4": {"fused_max_rows": 96}}
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
-TINY_ELEMENTS = 1 << 22  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
+TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
 PROMPT_ROWS = (1, 16, 128)  # decode, then two prompt sizes for the fused / dequant crossover
 _plans = {fmt: dict(plan) for fmt, plan in DEFAULTS.items()}  # in force: set by the last load_model
 _sources = {}  # format -> {"source": "default" | "timed" | "cached", "timings_ms": ...}
@@ -185,6 +185,7 @@ def _time_quantized(fmt, out_features, in_features) -> dict:
         for path, rows_max, rows in (("fused", ALWAYS, (1, 8) + PROMPT_ROWS[1:]), ("dequant", 0, PROMPT_ROWS[-1:])):
             _install(fmt, {"layout": layout, "fused_max_rows": rows_max}, {})
             timings[f"{layout}/{path}"] = _time_rows(layers, rows, torch.bfloat16, in_features)
+        del layers  # one layout's copies at a time
     return timings
 
 
@@ -278,7 +279,8 @@ def choose(dtype: torch.dtype, bits, hidden_size: int, inner_size: int) -> dict:
     CHATGLM_KERNELS entries over both. Returns report()."""
     forced = _forced()
     switch = os.environ.get("CHATGLM_KERNEL_TIMING", "").strip()
-    timing = switch == "1" or (switch != "0" and hidden_size * inner_size >= TINY_ELEMENTS)
+    under_pytest = "PYTEST_CURRENT_TEST" in os.environ  # tests get the defaults: the same kernels on every machine
+    timing = switch == "1" or (switch != "0" and not under_pytest and hidden_size * inner_size >= TINY_ELEMENTS)
     mine = formats_of(dtype, bits) if timing else []
     for fmt in FORMATS:
         if fmt in mine:

@@ -242,6 +242,8 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     # bits for the FP16 weights of the file that land in quantized layers (quantized as they stream in)
     quantize_bits = quantize or (config.quantization_bit if quantize_embeddings else None)
     files = weight_files(folder)
+    if device.type == "cpu" and not device_map:  # this machine's fastest kernels (timed once, before any weights)
+        kernel_choice.choose(dtype, quantize or config.quantization_bit, config.hidden_size, config.inner_hidden_size)
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # pre-quantized checkpoints: empty quantized layers
     if quantize_bits:
@@ -306,9 +308,6 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as in the original
     if quantize:
         model.config.quantization_bit = quantize
-    if device.type == "cpu" and not device_map:  # this machine's fastest kernels (timed once, cached)
-        kernel_choice.choose(dtype, getattr(config, "quantization_bit", 0), config.hidden_size,
-                             config.inner_hidden_size)
     packs = dtype in (torch.bfloat16, torch.float32) and device.type == "cpu"
     if packs and not device_map and config.pre_seq_len is None and kernel_choice.dense_layout(dtype) == "onednn":
         from .cpu_pack import pack_for_cpu
