@@ -114,7 +114,8 @@ def part_ptuning(args):
                "--prompt_column", "content", "--response_column", "summary", "--model_name_or_path",
                ensure_demo_checkpoint(), "--output_dir", out, "--max_source_length", "48", "--max_target_length",
                "64", "--per_device_train_batch_size", "2", "--max_steps", str(2 if args.dry_run else 20),
-               "--logging_steps", "1" if args.dry_run else "5", "--save_steps", "1000", "--learning_rate", "0.02", "--pre_seq_len", "8",
+               "--logging_steps", "1" if args.dry_run else "5", "--save_steps", "1000", "--learning_rate", "0.02",
+               "--pre_seq_len", "8",
                "--disable_tqdm", "true", "--report_to", "none"] + (["--use_cpu", "true"] if args.dry_run else [])
         proc = subprocess.run(cmd, cwd=os.path.join(ROOT, "ptuning"), capture_output=True, text=True)
         if proc.returncode:

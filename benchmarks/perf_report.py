@@ -169,7 +169,8 @@ def row_cells(r, to_layers, read_gbs):
     label = str(L) if to_layers == L else f"{to_layers} (extrapolated from {L})"
     return [r["precision"], label, f"{r['load_s'] * gb * 1e9 / r['weight_bytes']:.1f}",
             f"{scale(r['peak_rss_bytes']) / 1e9:.2f}", f"{scale(r['resident_bytes']) / 1e9:.2f}",
-            f"{median_s(r['ctx32']['prefill'], L, to_layers):.2f}", f"{median_s(r['ctx512']['prefill'], L, to_layers):.2f}",
+            f"{median_s(r['ctx32']['prefill'], L, to_layers):.2f}",
+            f"{median_s(r['ctx512']['prefill'], L, to_layers):.2f}",
             f"{1e3 * d32:.0f}", f"{1e3 * median_s(r['ctx512']['steps'], L, to_layers):.0f}", f"{8 / b8:.2f}",
             f"{gb:.2f}", f"{100 * gb / read_gbs / d32:.0f}%", kernels_text(r)]
 
@@ -216,7 +217,7 @@ def side_by_side_table(results, original, cpp):
 def header(args, bw_start, bw_end, load_avg):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mode = ("--quick: " if args.quick else "") + (f"{args.layers} layers built" + (
-        f"; the 28-layer rows are extrapolated from the time inside each block" if args.extrapolate else ""))
+        "; the 28-layer rows are extrapolated from the time inside each block" if args.extrapolate else ""))
     return "\n".join([
         f"Measured {now} on {bench.cpu_name()} ({os.cpu_count()} CPUs, {args.threads} threads; flags: "
         f"{' '.join(cpu_flags()) or 'none of ' + ' '.join(FLAGS)}), {platform.system()} {platform.release()}, "
