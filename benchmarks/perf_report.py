@@ -4,6 +4,7 @@
     python benchmarks/perf_report.py                          # 2 layers, 3 repeats (measured rows only)
     python benchmarks/perf_report.py --extrapolate            # ... plus 28-layer rows estimated from block times
     python benchmarks/perf_report.py --full-28-layers         # the whole 6B geometry, nothing extrapolated
+    python benchmarks/perf_report.py --fresh-kernel-timing    # re-time the kernel candidates (else: cached choice)
     python benchmarks/perf_report.py --original-python WORK/orig-venv/bin/python --original-workdir WORK/ckpt \
         --cpp-main WORK/chatglm_cpp-0.4.2/build/bin/main --cpp-models WORK/models   # side by side, same run
 
@@ -101,6 +102,8 @@ def run_precision(args, precision):
            str(args.layers), "--threads", str(args.threads), "--workdir", args.workdir, "--repeats",
            str(args.repeats), "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.kernel_cache:
+        env["CHATGLM_CACHE_DIR"] = args.kernel_cache
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -157,7 +160,8 @@ def kernels_text(r):
         what = " ".join(x for x in (p.get("layout"), None if rows is None else
                                     f"fused<={'all' if rows >= 1 << 30 else rows}") if x)
         parts.append(f"{fmt}: {what} ({p['source']})")
-    return "; ".join(parts)
+    timed = any(r["kernels"][f]["source"] == "timed" for f in fmts)
+    return "; ".join(parts) + (f"; timing took {r.get('kernel_choice_s', 0):.1f} s" if timed else "")
 
 
 def row_cells(r, to_layers, read_gbs):
@@ -247,6 +251,8 @@ def parse_args(argv=None):
     p.add_argument("--original-layers", type=int, default=2)
     p.add_argument("--cpp-main", help="chatglm.cpp's built main (side_by_side/README.md section 3)")
     p.add_argument("--cpp-models", help="the folder with glm6b-random-28l-<type>.bin")
+    p.add_argument("--fresh-kernel-timing", action="store_true",
+                   help="time the kernel candidates in this run instead of reading ~/.cache/chatglm/kernels.json")
     p.add_argument("--out", help="also write the Markdown report here")
     p.add_argument("--json", help="also write every measurement here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -254,6 +260,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.repeats, args.new_tokens = 1, 1, 4
+    args.kernel_cache = tempfile.mkdtemp(prefix="chatglm-kernels-") if args.fresh_kernel_timing else None
     if args.full_28_layers:
         args.layers, args.extrapolate = bench.FULL_LAYERS, False
     return args
