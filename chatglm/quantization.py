@@ -364,15 +364,20 @@ class QuantizedLinear(nn.Module):
         # or fresh memory per chunk, is page-faulted in on each call, which costs more than the GEMM itself
         y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
         buffer = torch.empty(self.in_features * rows, dtype=dtype)
+        if dtype == torch.bfloat16 and scale is None:
+            scale = self._call_state(dtype)[1]
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             if columns:
                 torch.mul(x2d @ self._int_columns(dtype, start, stop, buffer), scale[start:stop],
                           out=y[:, start:stop])
+                continue
+            w = buffer[:(stop - start) * self.in_features].view(stop - start, self.in_features)
+            w.copy_(self.int_values(start, stop))
+            if dtype == torch.bfloat16:  # the integers are exact in bfloat16: scale the output, not the weight
+                torch.mul(x2d @ w.T, scale[start:stop], out=y[:, start:stop])
             else:  # the values of dequantized_weight(dtype, start, stop): q.to(dtype) * scale.to(dtype)
-                w = buffer[:(stop - start) * self.in_features].view(stop - start, self.in_features)
-                w.copy_(self.int_values(start, stop)).mul_(self.weight_scale[start:stop].to(dtype)[:, None])
-                y[:, start:stop] = x2d @ w.T
+                y[:, start:stop] = x2d @ w.mul_(self.weight_scale[start:stop].to(dtype)[:, None]).T
         return y
 
     def _matmul(self, x2d: torch.Tensor, with_bias: bool) -> torch.Tensor:
