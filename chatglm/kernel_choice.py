@@ -199,14 +199,22 @@ def _crossover(fused: dict, dequant: dict) -> int:
     return max(0, min(4096, int(r0 + (d - f0) * (r1 - r0) / (f1 - f0))))
 
 
+def _turn_ms(timings, layout) -> float:
+    """A chat turn's time on `layout`: a 128-token prompt by its faster path, then 32 decode steps (half of them
+    batched by 8: the engine decodes 1..16 rows at once)."""
+    fused, dequant = timings[layout + "/fused"], timings[layout + "/dequant"]
+    return min(fused[PROMPT_ROWS[-1]], dequant[PROMPT_ROWS[-1]]) + 16 * (fused[1] + fused[8])
+
+
 def _decide(fmt, timings) -> dict:
-    """The plan from timings: the layout fastest on a decode step plus a batched one, then its crossover."""
+    """The plan from timings: dense formats, the layout fastest on a decode step plus a batched one; quantized, the
+    layout fastest over a chat turn (_turn_ms), then its fused / dequantize crossover."""
     if fmt in ("fp32", "bf16"):
         return {"layout": min(timings, key=lambda k: timings[k][1] + timings[k][8])}
     layouts = {k.split("/")[0] for k in timings}
     if not layouts:
         return dict(DEFAULTS[fmt])
-    layout = min(layouts, key=lambda k: timings[k + "/fused"][1] + timings[k + "/fused"][8])
+    layout = min(layouts, key=lambda k: _turn_ms(timings, k))
     rows = _crossover(timings[layout + "/fused"], timings[layout + "/dequant"])
     return {"layout": layout, "fused_max_rows": rows} if fmt == "int8" else {"fused_max_rows": rows}
 

@@ -166,6 +166,10 @@ def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     int8 = {"nibble/fused": {1: 3.0, 8: 9.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0},
             "int8pack/fused": {1: 2.0, 8: 8.0, 16: 20.0, 128: 20.0}, "int8pack/dequant": {128: 64.0}}
     assert kernel_choice._decide("int8", int8) == {"layout": "int8pack", "fused_max_rows": kernel_choice.ALWAYS}
+    # nibble decodes 1 ms faster per step but its prompt path is 1 s slower: a chat turn is faster on int8pack
+    slow_prompts = {"nibble/fused": {1: 9.0, 8: 20.0, 16: 40.0, 128: 1300.0}, "nibble/dequant": {128: 1200.0},
+                    "int8pack/fused": {1: 10.0, 8: 21.0, 16: 40.0, 128: 300.0}, "int8pack/dequant": {128: 200.0}}
+    assert kernel_choice._decide("int8", slow_prompts)["layout"] == "int8pack"
 
 
 @pytest.mark.parametrize("bad", ["int8=fast", "int5=fused", "bf16.fused_max_rows=3", "int4.fused_max_rows=x"])
