@@ -159,7 +159,7 @@ def kernels_text(r):
         rows = p.get("fused_max_rows")
         what = " ".join(x for x in (p.get("layout"), None if rows is None else
                                     f"fused<={'all' if rows >= 1 << 30 else rows}") if x)
-        parts.append(f"{fmt}: {what} ({p['source']})")
+        parts.append(f"{fmt}: {what} ({p['source']}{', forced' if p.get('forced') else ''})")
     timed = any(r["kernels"][f]["source"] == "timed" for f in fmts)
     return "; ".join(parts) + (f"; timing took {r.get('kernel_choice_s', 0):.1f} s" if timed else "")
 

@@ -292,12 +292,15 @@ def choose(dtype: torch.dtype, bits, hidden_size: int, inner_size: int) -> dict:
     mine = formats_of(dtype, bits) if timing else []
     for fmt in FORMATS:
         if fmt in mine:
-            plan, source, timings = _timed(fmt, inner_size, hidden_size)
+            try:
+                plan, source, timings = _timed(fmt, inner_size, hidden_size)
+            except (RuntimeError, NotImplementedError) as e:  # a candidate this torch build cannot run
+                plan, source, timings = DEFAULTS[fmt], f"default (timing failed: {e})"[:200], None
             _sources[fmt] = {"source": source, "timings_ms": timings}
         else:
             plan = DEFAULTS[fmt]
             _sources.pop(fmt, None)
         _install(fmt, plan, forced)
         if fmt in forced:
-            _sources.setdefault(fmt, {})["forced"] = forced[fmt]
+            _sources.setdefault(fmt, {"source": "default"})["forced"] = forced[fmt]
     return report()
