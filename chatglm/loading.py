@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import kernel_choice
 from .configuration import ChatGLMConfig
 from .tokenization import VOCAB_FILE, ChatGLMTokenizer
 
@@ -241,6 +242,8 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     # bits for the FP16 weights of the file that land in quantized layers (quantized as they stream in)
     quantize_bits = quantize or (config.quantization_bit if quantize_embeddings else None)
     files = weight_files(folder)
+    if device.type == "cpu" and not device_map:  # this machine's fastest kernels (timed once, before any weights)
+        kernel_choice.choose(dtype, quantize or config.quantization_bit, config.hidden_size, config.inner_hidden_size)
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # pre-quantized checkpoints: empty quantized layers
     if quantize_bits:
@@ -306,14 +309,14 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     if quantize:
         model.config.quantization_bit = quantize
     packs = dtype in (torch.bfloat16, torch.float32) and device.type == "cpu"
-    if packs and not device_map and config.pre_seq_len is None:
+    if packs and not device_map and config.pre_seq_len is None and kernel_choice.dense_layout(dtype) == "onednn":
         from .cpu_pack import pack_for_cpu
-        pack_for_cpu(model, release_dense=True)  # oneDNN-packed: bf16 ~1.5x, fp32 ~2.7x faster decoding
+        pack_for_cpu(model, release_dense=True)
     if dtype == torch.bfloat16 and device.type == "cpu" and getattr(config, "quantization_bit", 0):
         # repack quantized weights for the CPU kernel now (in place), not as a stall on the first reply (~3 s for 6B)
-        from .quantization import QuantizedLinear
+        from .quantization import INT8_LAYOUT, QuantizedLinear
         for m in model.modules():
-            if isinstance(m, QuantizedLinear):
+            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):
                 m._prepare_cpu_kernel()
     model.name_or_path = str(path)
     model.config._name_or_path = str(path)

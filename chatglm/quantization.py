@@ -36,19 +36,13 @@ from .cpu_int4 import (block_values, column_major, cpu_int4_layout, cpu_int8_fus
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 # On CPU the fused ops win while the work is close to a matrix-vector product (decoding); for longer prompts,
-# dequantizing a few rows at a time and running the dense GEMM wins. Fused up to this many rows, per (activation
-# dtype, bits). Crossovers measured on a 2-core AVX-512 machine (6B-geometry model, prefill of a prompt alternating
-# with decoding, and single 16384 x 4096 / 4096 x 16384 layers), bfloat16: INT8 ~24 rows from the official layout
-# (its own op) and ~28 once repacked for the INT4 op (chatglm/cpu_int4.py); INT4 ~100 rows (it was ~200 before dequantizing
-# a repacked weight got 3x faster); float32, whose fused ops are plain loops: 1-2 rows. Other activation dtypes
-# always dequantize.
+# dequantizing a tile at a time and running the dense GEMM wins. Fused up to this many rows, per (activation dtype,
+# bits), and INT8's layout for the fused op per activation dtype ("nibble": repacked for the INT4 op on a one-row
+# call; "int8pack": the official bytes and the INT8 op). chatglm/kernel_choice.py sets both per machine; these are
+# its defaults (benchmarks/README.md has the timings). float32's fused ops are plain loops; other dtypes dequantize.
 FUSED_MAX_ROWS = {(torch.bfloat16, 8): 24, (torch.bfloat16, 4): 96, (torch.float32, 8): 1, (torch.float32, 4): 1}
-# INT8 weights can also run through the INT4 op (chatglm/cpu_int4.py). That reads a one-row
-# product ~11% faster than `_weight_int8pack_mm` (two GLM blocks' INT8 linears, weights far bigger than the caches:
-# 10.6 vs 11.9 ms), equally fast at two rows, but its inner dimension is doubled, so from four rows on it is ~35%
-# slower (4 rows: 19.7 vs 14.4 ms). So only a call with at most this many rows (decoding one sequence) repacks an
-# INT8 weight for it; batched decoding keeps the official layout and the INT8 op.
-INT8_AS_INT4_REPACK_ROWS = 1
+INT8_LAYOUT = {torch.bfloat16: "nibble", torch.float32: "int8pack"}
+INT8_AS_INT4_REPACK_ROWS = 1  # a batched call keeps an official INT8 weight (the INT8 op is faster from 4 rows on)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
 
@@ -322,9 +316,10 @@ class QuantizedLinear(nn.Module):
         state = self._call_state(dtype)
         if state[0]:  # repacked for the INT4 op
             return self._int4_op(x2d, with_bias, state)
-        # INT4 repacks on its first fused call; INT8 only on a one-row call (see INT8_AS_INT4_REPACK_ROWS) or where
-        # the INT8 op is missing, and never for float32, which keeps its INT8 op and so its exact numbers
-        if self.bits == 4 or (dtype != torch.float32 and (n <= INT8_AS_INT4_REPACK_ROWS or not cpu_int8_fused_ok())):
+        # INT4 repacks on its first fused call; INT8 in the "nibble" layout on a one-row call or where the INT8 op is
+        # missing (by default never for float32, which keeps its INT8 op and so the original's numbers)
+        nibble = INT8_LAYOUT.get(dtype) == "nibble" and (n <= INT8_AS_INT4_REPACK_ROWS or not cpu_int8_fused_ok())
+        if self.bits == 4 or nibble:
             if self._prepare_cpu_kernel():
                 return self._int4_op(x2d, with_bias, self._call_state(dtype))
         if self.bits == 8 and cpu_int8_fused_ok():
@@ -369,15 +364,20 @@ class QuantizedLinear(nn.Module):
         # or fresh memory per chunk, is page-faulted in on each call, which costs more than the GEMM itself
         y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
         buffer = torch.empty(self.in_features * rows, dtype=dtype)
+        if dtype == torch.bfloat16 and scale is None:
+            scale = self._call_state(dtype)[1]
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             if columns:
                 torch.mul(x2d @ self._int_columns(dtype, start, stop, buffer), scale[start:stop],
                           out=y[:, start:stop])
+                continue
+            w = buffer[:(stop - start) * self.in_features].view(stop - start, self.in_features)
+            w.copy_(self.int_values(start, stop))
+            if dtype == torch.bfloat16:  # the integers are exact in bfloat16: scale the output, not the weight
+                torch.mul(x2d @ w.T, scale[start:stop], out=y[:, start:stop])
             else:  # the values of dequantized_weight(dtype, start, stop): q.to(dtype) * scale.to(dtype)
-                w = buffer[:(stop - start) * self.in_features].view(stop - start, self.in_features)
-                w.copy_(self.int_values(start, stop)).mul_(self.weight_scale[start:stop].to(dtype)[:, None])
-                y[:, start:stop] = x2d @ w.T
+                y[:, start:stop] = x2d @ w.mul_(self.weight_scale[start:stop].to(dtype)[:, None]).T
         return y
 
     def _matmul(self, x2d: torch.Tensor, with_bias: bool) -> torch.Tensor:

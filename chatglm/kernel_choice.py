@@ -1,0 +1,306 @@
+"""Which CPU kernel runs each weight format, chosen by timing the candidates on this machine.
+
+Once per (CPU, torch version, thread count, format, shape), at load, the candidates run on random weights of the
+model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batched step (8 rows) and prompt rows
+(16, 128); the plan is cached in ~/.cache/chatglm/kernels.json ($CHATGLM_CACHE_DIR overrides the folder).
+  fp32 / bf16: layout "onednn" (weights prepacked, chatglm/cpu_pack.py) or "mkl" (plain F.linear).
+  int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py) or "int8pack" (official bytes,
+        `_weight_int8pack_mm`); int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
+        a call dequantizes a tile at a time and runs the dense GEMM ("dequant").
+CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=dequant,int8.fused_max_rows=32" (int8/int4
+also take "fused" and "dequant"); forced int8/int4 entries apply to float32 activations too. CHATGLM_KERNEL_TIMING=0
+takes the defaults without timing; =1 times even tiny models and under pytest (which otherwise take the defaults).
+Timings and why each candidate can win: benchmarks/README.md.
+"""
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import quantization
+from .cpu_int4 import cpu_int8_fused_ok
+from .cpu_pack import available as onednn_available
+from .quantization import QuantizedLinear
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+CANDIDATES = {"fp32": ("onednn", "mkl"), "bf16": ("onednn", "mkl"), "int8": ("nibble", "int8pack", "fused", "dequant"),
+              "int4": ("fused", "dequant")}
+ALWAYS = 1 << 30  # fused_max_rows that means "always fused"
+DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn"},
+            "int8": {"layout": "nibble", "fused_max_rows": 24}, "int4": {"fused_max_rows": 96}}
+# float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
+FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
+TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
+PROMPT_ROWS = (1, 16, 128)  # decode, then two prompt sizes for the fused / dequant crossover
+_plans = {fmt: dict(plan) for fmt, plan in DEFAULTS.items()}  # in force: set by the last load_model
+_sources = {}  # format -> {"source": "default" | "timed" | "cached", "timings_ms": ...}
+
+
+def _forced() -> dict:
+    """CHATGLM_KERNELS as {format: {key: value}}; raises ValueError naming a bad entry."""
+    out = {}
+    for item in filter(None, (s.strip() for s in os.environ.get("CHATGLM_KERNELS", "").split(","))):
+        key, _, value = item.partition("=")
+        fmt, _, field = key.strip().partition(".")
+        value = value.strip()
+        ok = fmt in FORMATS and (value in CANDIDATES[fmt] if not field else
+                                 field == "fused_max_rows" and fmt in ("int8", "int4") and value.isdigit())
+        if not ok:
+            choices = "; ".join(f"{f}={'|'.join(c)}" for f, c in CANDIDATES.items())
+            raise ValueError(f"CHATGLM_KERNELS entry {item!r} is not one of: {choices}; int8.fused_max_rows=N; "
+                             f"int4.fused_max_rows=N")
+        plan = out.setdefault(fmt, {})
+        if field:
+            plan["fused_max_rows"] = int(value)
+        elif value in ("fused", "dequant"):
+            plan["fused_max_rows"] = ALWAYS if value == "fused" else 0
+        else:
+            plan["layout"] = value
+    return out
+
+
+def _install(fmt: str, plan: dict, forced: dict):
+    """Put `plan` (with the forced entries over it) in force; quantized formats also for float32 activations."""
+    _plans[fmt] = {**plan, **forced.get(fmt, {})}
+    if fmt in FLOAT32_QUANTIZED:
+        bits = int(fmt[3:])
+        fp32 = {**FLOAT32_QUANTIZED[fmt], **forced.get(fmt, {})}
+        for dtype, p in ((torch.bfloat16, _plans[fmt]), (torch.float32, fp32)):
+            quantization.FUSED_MAX_ROWS[dtype, bits] = p["fused_max_rows"]
+            if bits == 8:
+                quantization.INT8_LAYOUT[dtype] = p["layout"]
+
+
+def reset():
+    """The defaults back in force (and CHATGLM_KERNELS over them)."""
+    forced = _forced()
+    _sources.clear()
+    for fmt in FORMATS:
+        _install(fmt, DEFAULTS[fmt], forced)
+
+
+def dense_layout(dtype: torch.dtype) -> str:
+    """"onednn" (pack the dense weights, chatglm/cpu_pack.py) or "mkl" (leave them to F.linear)."""
+    fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    return _plans[fmt]["layout"] if fmt and onednn_available(dtype) else "mkl"
+
+
+def formats_of(dtype: torch.dtype, bits) -> list:
+    """The formats a CPU model of `dtype` (quantized to `bits`, or 0) runs: its dense layers', then its quantized."""
+    dense = {torch.float32: ["fp32"], torch.bfloat16: ["bf16"]}.get(dtype, [])
+    return dense + ([f"int{bits}"] if bits and dtype == torch.bfloat16 else [])
+
+
+def report() -> dict:
+    """{format: plan in force, with where it came from and the timings behind it} (for benchmarks)."""
+    return {fmt: {**_plans[fmt], **_sources.get(fmt, {"source": "default"})} for fmt in FORMATS}
+
+
+# ---- timing -------------------------------------------------------------------------------------------------------
+
+def _median_ms(fn, inputs, calls: int, warm: bool, budget_s: float = 0.25) -> float:
+    """Median ms of fn(x) cycling through `inputs` (after one untimed call if `warm`): `calls` calls, or fewer
+    (at least one) once `budget_s` is spent."""
+    if warm:
+        fn(inputs[0])
+    times, start = [], time.perf_counter()
+    for i in range(calls):
+        t = time.perf_counter()
+        fn(inputs[i % len(inputs)])
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() - start > budget_s:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def _copies(weight: torch.Tensor) -> list:
+    """`weight` and clones of it, ~256 MB in all (at most 8): a decode step reads its weights from memory, not
+    from the caches that one weight called again and again would sit in."""
+    n = max(1, min(8, (256 << 20) // (weight.numel() * weight.element_size())))
+    return [weight] + [weight.clone() for _ in range(n - 1)]
+
+
+def _time_rows(calls: list, rows_list, dtype, in_features) -> dict:
+    """{rows: ms} of call(x) per row count; up to 8 rows (memory bound) cycle through `calls` (one per weight
+    copy), more rows (compute bound) use the first."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for rows in rows_list:
+        x = torch.randn(rows, in_features, generator=g).to(dtype)
+        inputs = calls if rows <= 8 else calls[:1]
+        out[rows] = _median_ms(lambda c: c(x), inputs, 2 * len(inputs) + 3, warm=rows == rows_list[0])
+    return out
+
+
+def _time_dense(fmt, out_features, in_features) -> dict:
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    weight = torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05)
+    weights = _copies(weight)
+    rows = (1, 8, PROMPT_ROWS[-1])
+    timings = {"mkl": _time_rows([lambda x, w=w: F.linear(x, w) for w in weights], rows, dtype, in_features)}
+    if onednn_available(dtype):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+        calls = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+        timings["onednn"] = _time_rows(calls, rows, dtype, in_features)
+    return timings
+
+
+def _quantized_layers(bits, out_features, in_features, nibble):
+    """QuantizedLinear copies (see _copies) with random weights, repacked for the INT4 op if `nibble`; None where
+    that op is missing."""
+    layer = QuantizedLinear(in_features, out_features, bits, device="cpu", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, generator=g, dtype=torch.int8))
+        layer.weight_scale.copy_(torch.rand(out_features, generator=g) * 0.01 + 1e-3)
+        layer.bias.zero_()
+    if nibble and not layer._prepare_cpu_kernel():
+        return None
+    layers = []
+    for w in _copies(layer.weight.detach()):  # copies share scale and bias; the weight's layout comes along
+        q = QuantizedLinear(in_features, out_features, bits, device="meta", dtype=torch.bfloat16)
+        q.weight = torch.nn.Parameter(w, requires_grad=False)
+        q.weight_scale, q.bias = layer.weight_scale, layer.bias
+        if nibble:
+            q._repacked_as = (q.weight, quantization._stamp(q.weight))
+        layers.append(q)
+    return layers
+
+
+def _time_quantized(fmt, out_features, in_features) -> dict:
+    """{"<layout>/<fused|dequant>": {rows: ms}} for the INT8 / INT4 candidates: fused at 1, 8 and PROMPT_ROWS,
+    dequant at the last (it never wins a decode step: it reads the weight and writes it dequantized)."""
+    bits = int(fmt[3:])
+    layouts = ["nibble"] + (["int8pack"] if bits == 8 and cpu_int8_fused_ok() else [])
+    timings = {}
+    for layout in layouts:
+        layers = _quantized_layers(bits, out_features, in_features, layout == "nibble")
+        if layers is None:
+            continue
+        for path, rows_max, rows in (("fused", ALWAYS, (1, 8) + PROMPT_ROWS[1:]), ("dequant", 0, PROMPT_ROWS[-1:])):
+            _install(fmt, {"layout": layout, "fused_max_rows": rows_max}, {})
+            timings[f"{layout}/{path}"] = _time_rows(layers, rows, torch.bfloat16, in_features)
+        del layers  # one layout's copies at a time
+    return timings
+
+
+def _crossover(fused: dict, dequant: dict) -> int:
+    """The most rows for which the fused op is still faster: fused time is linear in rows (through its times at
+    PROMPT_ROWS[1:]), dequantize-then-GEMM's is taken as flat (its dequantizing dominates; a little conservative)."""
+    (r0, r1), d = PROMPT_ROWS[1:], dequant[PROMPT_ROWS[-1]]
+    f0, f1 = fused[r0], fused[r1]
+    if f1 <= f0:
+        return ALWAYS if f1 < d else 0
+    return max(0, min(4096, int(r0 + (d - f0) * (r1 - r0) / (f1 - f0))))
+
+
+def _turn_ms(timings, layout) -> float:
+    """A chat turn's time on `layout`: a 128-token prompt by its faster path, then 32 decode steps (half of them
+    batched by 8: the engine decodes 1..16 rows at once)."""
+    fused, dequant = timings[layout + "/fused"], timings[layout + "/dequant"]
+    return min(fused[PROMPT_ROWS[-1]], dequant[PROMPT_ROWS[-1]]) + 16 * (fused[1] + fused[8])
+
+
+def _decide(fmt, timings) -> dict:
+    """The plan from timings: dense formats, the layout fastest on a decode step plus a batched one; quantized, the
+    layout fastest over a chat turn (_turn_ms), then its fused / dequantize crossover."""
+    if fmt in ("fp32", "bf16"):
+        return {"layout": min(timings, key=lambda k: timings[k][1] + timings[k][8])}
+    layouts = {k.split("/")[0] for k in timings}
+    if not layouts:
+        return dict(DEFAULTS[fmt])
+    layout = min(layouts, key=lambda k: _turn_ms(timings, k))
+    rows = _crossover(timings[layout + "/fused"], timings[layout + "/dequant"])
+    return {"layout": layout, "fused_max_rows": rows} if fmt == "int8" else {"fused_max_rows": rows}
+
+
+# ---- per machine, cached -------------------------------------------------------------------------------------------
+
+def machine_id() -> str:
+    """CPU model and a hash of its flags, torch version, threads: what a cached choice is valid for."""
+    name, flags = "unknown CPU", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.strip()
+    except OSError:
+        pass
+    digest = hashlib.sha1(flags.encode()).hexdigest()[:8]
+    return f"{name} flags:{digest} torch:{torch.__version__} threads:{torch.get_num_threads()}"
+
+
+def cache_path() -> str:
+    folder = os.environ.get("CHATGLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "chatglm")
+    return os.path.join(folder, "kernels.json")
+
+
+def _read_cache() -> dict:
+    try:
+        with open(cache_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, entry: dict):
+    data = _read_cache()
+    data[key] = entry
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: processes loading side by side never read half a file
+    except OSError:
+        pass  # a read-only home: time again next load
+
+
+def _timed(fmt: str, out_features: int, in_features: int) -> tuple:
+    """(plan, source, timings) for one format at one shape, from the cache or by timing now."""
+    key = f"{machine_id()} {fmt} {out_features}x{in_features}"
+    entry = _read_cache().get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("plan"), dict):
+        return entry["plan"], "cached", entry.get("timings_ms")
+    t = time.perf_counter()
+    with torch.no_grad():
+        timings = (_time_dense if fmt in ("fp32", "bf16") else _time_quantized)(fmt, out_features, in_features)
+    plan = _decide(fmt, timings)
+    _write_cache(key, {"plan": plan, "timings_ms": timings, "timing_s": round(time.perf_counter() - t, 2),
+                       "date": datetime.date.today().isoformat()})
+    return plan, "timed", timings
+
+
+def choose(dtype: torch.dtype, bits, hidden_size: int, inner_size: int) -> dict:
+    """Put in force, for a CPU model of `dtype` quantized to `bits` (or 0/None), the fastest kernels of its formats
+    at its [inner, hidden] shape (timed once per machine and cached), the defaults for the other formats, and any
+    CHATGLM_KERNELS entries over both. Returns report()."""
+    forced = _forced()
+    switch = os.environ.get("CHATGLM_KERNEL_TIMING", "").strip()
+    under_pytest = "PYTEST_CURRENT_TEST" in os.environ  # tests get the defaults: the same kernels on every machine
+    timing = switch == "1" or (switch != "0" and not under_pytest and hidden_size * inner_size >= TINY_ELEMENTS)
+    mine = formats_of(dtype, bits) if timing else []
+    for fmt in FORMATS:
+        if fmt in mine:
+            try:
+                plan, source, timings = _timed(fmt, inner_size, hidden_size)
+            except (RuntimeError, NotImplementedError) as e:  # a candidate this torch build cannot run
+                plan, source, timings = DEFAULTS[fmt], f"default (timing failed: {e})"[:200], None
+            _sources[fmt] = {"source": source, "timings_ms": timings}
+        else:
+            plan = DEFAULTS[fmt]
+            _sources.pop(fmt, None)
+        _install(fmt, plan, forced)
+        if fmt in forced:
+            _sources.setdefault(fmt, {"source": "default"})["forced"] = forced[fmt]
+    return report()

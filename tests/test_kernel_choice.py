@@ -1,0 +1,179 @@
+"""Per-machine CPU kernel choice (chatglm/kernel_choice.py): whichever candidate wins the timing, the model's
+results stay within the golden tolerances; the choice is timed once and cached; tiny models are never timed."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from conftest import GOLDEN, load_golden
+from test_quantization import assert_bf16_product, bf16_layer
+
+from chatglm import kernel_choice, load_model
+from chatglm.cpu_pack import PackedLinear
+from chatglm.quantization import QuantizedLinear
+
+LOGIT_TOL = 1e-3  # the golden README's bar for fp32 on CPU
+BF16_LOGIT_TOL = 0.1  # its "compare loosely" bar for bf16 (here: bf16 paths against each other)
+
+CASES = [("tiny", "fp32=onednn"), ("tiny", "fp32=mkl"),
+         ("tiny-int8", "int8=int8pack"), ("tiny-int8", "int8=nibble"), ("tiny-int8", "int8=fused"),
+         ("tiny-int8", "int8=dequant"), ("tiny-int8", "int8=nibble,int8.fused_max_rows=3"),
+         ("tiny-int4", "int4=fused"), ("tiny-int4", "int4=dequant"), ("tiny-int4", "int4.fused_max_rows=3")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plan(monkeypatch, tmp_path):
+    """Each test starts and ends with the defaults in force, and a cache folder of its own."""
+    monkeypatch.setenv("CHATGLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CHATGLM_KERNELS", raising=False)
+    monkeypatch.delenv("CHATGLM_KERNEL_TIMING", raising=False)
+    yield
+    monkeypatch.delenv("CHATGLM_KERNELS", raising=False)
+    kernel_choice.reset()
+
+
+def forced_model(monkeypatch, name, forced, dtype):
+    if not (GOLDEN / name).is_dir():
+        pytest.skip(f"golden folder {GOLDEN / name} not found")
+    monkeypatch.setenv("CHATGLM_KERNELS", forced)
+    torch.set_num_threads(2)
+    return load_model(str(GOLDEN / name), device="cpu", dtype=dtype)
+
+
+def inputs(case, arrays, forward_cases=()):
+    """A golden case's model inputs; a padded batch generate case takes its mask and positions from the forward
+    case with the same ids (the golden stores them there)."""
+    kw = {"input_ids": torch.tensor(case["input_ids"])}
+    if "attention_mask" in case["inputs_given"]:
+        if "attention_mask_key" not in case:
+            case = next(c for c in forward_cases if c["input_ids"] == case["input_ids"] and "attention_mask_key" in c)
+        kw["attention_mask"] = torch.from_numpy(arrays[case["attention_mask_key"]])
+        kw["position_ids"] = torch.tensor(case["position_ids"])
+    return kw
+
+
+def max_logit_diff(model, g, arrays):
+    """Largest |logit - golden| over the forward cases (whole prompts: many rows per call) and the cached
+    step-by-step cases (one row per call: the decode kernels)."""
+    worst = 0.0
+    with torch.no_grad():
+        for c in g["forward"]:
+            logits = model(**inputs(c, arrays)).logits.float()
+            worst = max(worst, np.abs(logits.numpy() - arrays[c["logits_key"]]).max())
+        for c in g["cache"]:
+            ids, kwargs, steps = torch.tensor(c["prompt_input_ids"]), {"cache": DynamicCache(config=model.config)}, []
+            first = c["steps"][0]
+            if first["model_built_position_ids"] is None:
+                kwargs["glm_attention_mask"] = torch.tensor(first["attention_mask"]).bool()
+                kwargs["glm_position_ids"] = torch.tensor(first["position_ids"])
+            cont = torch.tensor(c["continuation_ids"])
+            cont = cont.expand(ids.shape[0], -1) if cont.dim() == 1 else cont
+            for k in range(len(c["steps"])):
+                out = model(**model.prepare_inputs_for_generation(ids, **kwargs))
+                kwargs = model._update_model_kwargs_for_generation(out, kwargs)
+                steps.append(out.logits[:, -1].float())
+                if k < cont.shape[1]:
+                    ids = torch.cat([ids, cont[:, k:k + 1]], dim=1)
+            worst = max(worst, np.abs(torch.stack(steps, 1).numpy() - arrays[c["step_logits_key"]]).max())
+    return worst
+
+
+def assert_candidate_in_force(model, forced):
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if forced.startswith("fp32="):
+        assert any(isinstance(m, PackedLinear) for m in model.modules()) == (forced == "fp32=onednn")
+    elif "int8=nibble" in forced:  # a one-row call repacks the INT8 weights for the INT4 op
+        assert all(m.weight.dtype == torch.uint8 for m in layers)
+    elif "int8=int8pack" in forced:
+        assert all(m.weight.dtype == torch.int8 for m in layers)
+
+
+@pytest.mark.parametrize("name,forced", CASES)
+def test_every_forced_candidate_keeps_float32_logits_and_greedy_tokens_of_the_original(monkeypatch, name, forced):
+    g, arrays = load_golden(name)
+    _, model = forced_model(monkeypatch, name, forced, "float32")
+    assert max_logit_diff(model, g, arrays) <= LOGIT_TOL, forced
+    for c in g["generate"]:
+        if c["name"].startswith("greedy"):
+            out = model.generate(**inputs(c, arrays, g["forward"]), **c["generate_kwargs"])
+            assert out.tolist() == c["output_ids"], f"{forced}: {c['name']}"
+    assert_candidate_in_force(model, forced)
+
+
+def test_bfloat16_dense_candidates_agree(monkeypatch):
+    """bfloat16 is far from the fp32 golden on the tiny model (its weights are large); the two dense paths must
+    agree with each other (oneDNN runs the same arithmetic either way)."""
+    g, arrays = load_golden("tiny")
+    logits = []
+    for forced in ("bf16=onednn", "bf16=mkl"):
+        _, model = forced_model(monkeypatch, "tiny", forced, "bfloat16")
+        assert any(isinstance(m, PackedLinear) for m in model.modules()) == (forced == "bf16=onednn")
+        with torch.no_grad():
+            logits.append([model(**inputs(c, arrays)).logits.float() for c in g["forward"]])
+    for a, b in zip(*logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=BF16_LOGIT_TOL)
+
+
+@pytest.mark.parametrize("bits,forced", [(8, f) for _, f in CASES[2:7]] + [(4, f) for _, f in CASES[7:]])
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_every_quantized_candidate_gives_the_exact_product_in_bfloat16(monkeypatch, bits, forced, rows):
+    """Per layer, at a decode row, a small batch and a prompt: x @ (q * scale).T + bias to bfloat16 accuracy."""
+    monkeypatch.setenv("CHATGLM_KERNELS", forced)
+    kernel_choice.reset()
+    layer, _, exact = bf16_layer(bits, 192)
+    g = torch.Generator().manual_seed(rows)
+    with torch.no_grad():
+        for n in (1, rows):  # a one-row call first: it repacks INT8 for the nibble layout
+            x = torch.randn(n, 256, generator=g).bfloat16()
+            assert_bf16_product(layer(x), x, exact, layer.bias)
+
+
+def test_tiny_models_take_the_defaults_without_timing(tmp_path):
+    if not (GOLDEN / "tiny-int4").is_dir():
+        pytest.skip("golden data absent")
+    load_model(str(GOLDEN / "tiny-int4"), device="cpu")
+    assert kernel_choice.report()["int4"] == {**kernel_choice.DEFAULTS["int4"], "source": "default"}
+    assert not (tmp_path / "kernels.json").exists()
+
+
+@pytest.mark.parametrize("dtype,bits,fmt", [(torch.bfloat16, 0, "bf16"), (torch.float32, 0, "fp32"),
+                                            (torch.bfloat16, 8, "int8"), (torch.bfloat16, 4, "int4")])
+def test_timing_picks_a_candidate_once_and_caches_it_per_machine(monkeypatch, tmp_path, dtype, bits, fmt):
+    monkeypatch.setenv("CHATGLM_KERNEL_TIMING", "1")  # asked for: time even this small shape
+    chosen = kernel_choice.choose(dtype, bits, 256, 1024)[fmt]
+    assert chosen["source"] == "timed"
+    assert fmt == "int4" or chosen["layout"] in kernel_choice.CANDIDATES[fmt]
+    assert chosen.get("fused_max_rows", 0) >= 0
+    cache = json.loads((tmp_path / "kernels.json").read_text())
+    key = next(k for k in cache if k.endswith(f"{fmt} 1024x256"))
+    assert key.startswith(kernel_choice.machine_id())
+    again = kernel_choice.choose(dtype, bits, 256, 1024)[fmt]
+    assert again["source"] == "cached"
+    assert {k: again[k] for k in cache[key]["plan"]} == cache[key]["plan"]
+    monkeypatch.setenv("CHATGLM_KERNELS", f"{fmt}={kernel_choice.CANDIDATES[fmt][-1]}")  # forcing beats the cache
+    forced = kernel_choice.choose(dtype, bits, 256, 1024)[fmt]
+    assert forced["forced"] and forced != again
+
+
+def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
+    dense = {"mkl": {1: 10.0, 8: 12.0, 128: 50.0}, "onednn": {1: 6.0, 8: 8.0, 128: 60.0}}
+    assert kernel_choice._decide("bf16", dense) == {"layout": "onednn"}
+    # fused 1 ms per row from 16 rows on, dequantize-then-GEMM 64 ms: fused up to 64 rows
+    int4 = {"nibble/fused": {1: 2.0, 8: 8.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0}}
+    assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 64}
+    int8 = {"nibble/fused": {1: 3.0, 8: 9.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0},
+            "int8pack/fused": {1: 2.0, 8: 8.0, 16: 20.0, 128: 20.0}, "int8pack/dequant": {128: 64.0}}
+    assert kernel_choice._decide("int8", int8) == {"layout": "int8pack", "fused_max_rows": kernel_choice.ALWAYS}
+    # nibble decodes 1 ms faster per step but its prompt path is 1 s slower: a chat turn is faster on int8pack
+    slow_prompts = {"nibble/fused": {1: 9.0, 8: 20.0, 16: 40.0, 128: 1300.0}, "nibble/dequant": {128: 1200.0},
+                    "int8pack/fused": {1: 10.0, 8: 21.0, 16: 40.0, 128: 300.0}, "int8pack/dequant": {128: 200.0}}
+    assert kernel_choice._decide("int8", slow_prompts)["layout"] == "int8pack"
+
+
+@pytest.mark.parametrize("bad", ["int8=fast", "int5=fused", "bf16.fused_max_rows=3", "int4.fused_max_rows=x"])
+def test_a_bad_kernels_setting_is_refused_with_the_choices(monkeypatch, bad):
+    monkeypatch.setenv("CHATGLM_KERNELS", bad)
+    with pytest.raises(ValueError, match="CHATGLM_KERNELS entry .* int8=nibble\\|int8pack"):
+        kernel_choice.choose(torch.bfloat16, 4, 64, 256)
