@@ -5,6 +5,7 @@ Both pages keep the raw (query, reply) pairs in a gr.State (Conversation) and on
 never inject HTML into the page while Markdown (emphasis, lists, code blocks) still renders.
 """
 import argparse
+import functools
 import html
 import os
 import sys
@@ -144,11 +145,13 @@ for _rule in ("math_inline", "math_inline_double", "math_block"):
     _MARKDOWN.add_render_rule(_rule, _math_as_written)
 
 
+@functools.lru_cache(maxsize=512)  # every update re-renders the conversation; finished turns come from here
 def render_reply(text: str) -> str:
     """HTML for a model reply: its Markdown rendered, any HTML in it shown as text, never run."""
     return _MARKDOWN.render(text).strip().replace("\n", "&#10;")
 
 
+@functools.lru_cache(maxsize=512)
 def render_typed(text: str) -> str:
     """HTML for what the user typed: the text exactly, line breaks and spaces kept, nothing interpreted."""
     return f'<p class="typed">{html.escape(text, quote=False).replace(chr(10), "&#10;")}</p>'

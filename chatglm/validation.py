@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 500  # the reply is searched for every stop string after every token
+MAX_LOGIT_BIAS = 300  # token ids in one logit_bias (OpenAI's limit)
 MAX_JSON_DEPTH = 32  # our request bodies nest 5 deep; deeper is an attack or a mistake
 MAX_NUMBER_DIGITS = 40  # 2**63 has 19; Python refuses ints over 4300 digits with a ValueError of its own
 
@@ -208,6 +210,11 @@ class GenerationOptions:
         for i, s in enumerate(self.stop):
             if not check_text(s, f"stop[{i}]"):
                 raise InputError("stop strings must not be empty", "stop")
+            if len(s) > MAX_STOP_CHARS:
+                raise InputError(f"stop[{i}] is {len(s)} characters long; at most {MAX_STOP_CHARS}", "stop")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InputError(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(self.logit_bias)}",
+                             "logit_bias")
         bias = []
         for token, value in self.logit_bias:
             if isinstance(token, str):

@@ -33,7 +33,7 @@ def test_defaults_are_upstreams_and_validate():
     ("repetition_penalty", math.nan), ("temperature", math.inf), ("top_p", 0), ("seed", MAX_SEED + 1),
     ("seed", -1), ("max_length", 2049), ("max_length", True), ("top_k", 1.5), ("logit_bias", {"²": 1}),
     ("logit_bias", {"5": math.nan}), ("logit_bias", {"99999": 1}), ("stop", [""]), ("stop", ["a\ud800"]),
-    ("temperature", "0.5"),
+    ("temperature", "0.5"), ("stop", ["x" * 501]), ("logit_bias", {str(i): 1 for i in range(301)}),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(InputError) as e:
