@@ -34,7 +34,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from chatglm.context import ContextTooLongError, fit_history, prompt_length
 from chatglm.options import add_model_args, add_server_args, load_from_args
-from chatglm.validation import GenerationOptions, InputError, check_history, check_text, parse_json_object
+from chatglm.validation import (MAX_HISTORY_TURNS, GenerationOptions, InputError, check_count, check_history,
+                                check_text, parse_json_object)
 from utils import TextDeltas
 
 log = logging.getLogger("chatglm.api")
@@ -179,12 +180,18 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+# the most entries a body's conversation list may hold: counted before each entry is validated
+MOST_ENTRIES = {"history": MAX_HISTORY_TURNS, "messages": 2 * MAX_HISTORY_TURNS + 1}
+
+
 def parse_body(raw: bytes, model: type):
     """The body validated as `model`, or APIError(400) naming what is wrong. Runs in a worker thread."""
     try:
         data = parse_json_object(raw)
+        for name, most in MOST_ENTRIES.items():
+            check_count(data.get(name), name, most)
     except InputError as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e), param=e.field) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

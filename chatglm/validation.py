@@ -14,6 +14,7 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 500  # the reply is searched for every stop string after every token
 MAX_LOGIT_BIAS = 300  # token ids in one logit_bias (OpenAI's limit)
+MAX_HISTORY_TURNS = 4096  # far more than a context holds: only the newest turns are ever kept
 MAX_JSON_DEPTH = 32  # our request bodies nest 5 deep; deeper is an attack or a mistake
 MAX_NUMBER_DIGITS = 40  # 2**63 has 19; Python refuses ints over 4300 digits with a ValueError of its own
 
@@ -41,12 +42,20 @@ def check_text(text, field: str) -> str:
     return text
 
 
+def check_count(items, field: str, most: int):
+    """InputError when a list holds more than `most` entries (checked before anything looks at each one)."""
+    if isinstance(items, (list, tuple)) and len(items) > most:
+        raise InputError(f"{field} has {len(items)} entries; at most {most} are accepted (only the newest turns fit "
+                         f"in the model's context anyway: send those)", field)
+
+
 def check_history(history, field: str = "history") -> list:
     """history as a list of (query, response) str pairs; InputError for any other shape or unencodable text."""
     if history is None:
         return []
     if not isinstance(history, (list, tuple)):
         raise InputError(f"{field} must be a list of [query, response] pairs, got {type(history).__name__}", field)
+    check_count(history, field, MAX_HISTORY_TURNS)
     pairs = []
     for i, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:

@@ -46,3 +46,10 @@ def test_build_normalises_stop_and_bias_and_none_means_default():
     assert o.stop == ("\n",) and o.logit_bias == ((7, 2.0),) and o.top_k == 50
     with pytest.raises(InputError, match="unknown"):
         GenerationOptions.build(nonsense=1)
+
+
+def test_a_history_far_beyond_any_context_is_refused_by_its_length():
+    from chatglm.validation import MAX_HISTORY_TURNS
+    assert len(check_history([["q", "a"]] * MAX_HISTORY_TURNS)) == MAX_HISTORY_TURNS
+    with pytest.raises(InputError, match=f"history has {MAX_HISTORY_TURNS + 1} entries; at most {MAX_HISTORY_TURNS}"):
+        check_history([["q", "a"]] * (MAX_HISTORY_TURNS + 1))
