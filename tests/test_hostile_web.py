@@ -101,3 +101,25 @@ def test_reply_markdown_still_renders_and_user_text_is_shown_as_typed(page, area
     assert view.locator(".katex").count() >= 1  # $$...$$ typeset by Gradio's KaTeX
     typed = view.locator(".typed", has_text="多行").first.inner_text()
     assert typed == "多行\n  缩进 **不是 Markdown**"  # the user's own text: no Markdown, spaces and lines kept
+
+
+def test_auth_puts_gradios_login_in_front_of_the_page():
+    import argparse
+
+    import httpx
+    with gr.Blocks(analytics_enabled=False) as demo:
+        web_demo.chat_view([])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argparse.Namespace(host="127.0.0.1", port=port, share=False, auth=web_common._login("alice:s3cret:x"))
+    web_common.launch(demo, args, prevent_thread_lock=True, quiet=True)  # as the demos launch, with --auth
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/config").status_code == 401  # nothing of the app without logging in
+        assert httpx.post(url + "/login", data={"username": "alice", "password": "wrong"}).status_code == 400
+        with httpx.Client() as client:
+            assert client.post(url + "/login", data={"username": "alice", "password": "s3cret:x"}).status_code == 200
+            assert client.get(url + "/config").status_code == 200
+    finally:
+        demo.close()
