@@ -2,9 +2,10 @@
 
     python api.py [--model-path DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-One worker thread owns the model and runs one generation at a time, in arrival order; the event loop only parses,
-validates and relays, so /health answers while a long reply is generated. A client that hangs up (or a streaming
-client that closes the connection) stops its generation at the next token.
+One worker thread owns the model and runs one generation at a time, in arrival order; the event loop only reads
+bodies (size-limited) and relays, while parsing, validation and tokenizing run in a thread pool, so /health answers
+while a long reply is generated or a huge request is checked. A client that hangs up (or a streaming client that
+closes the connection) stops its generation at the next token.
 """
 import argparse
 import asyncio
