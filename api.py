@@ -2,9 +2,10 @@
 
     python api.py [--model-path DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-One worker thread owns the model and runs one generation at a time, in arrival order; the event loop only parses,
-validates and relays, so /health answers while a long reply is generated. A client that hangs up (or a streaming
-client that closes the connection) stops its generation at the next token.
+One worker thread owns the model and runs one generation at a time, in arrival order; the event loop only reads
+bodies (size-limited) and relays, while parsing, validation and tokenizing run in a thread pool, so /health answers
+while a long reply is generated or a huge request is checked. A client that hangs up (or a streaming client that
+closes the connection) stops its generation at the next token.
 """
 import argparse
 import asyncio
@@ -27,19 +28,24 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history, prompt_length
 from chatglm.model_info import describe_model, public_model_info
 from chatglm.options import add_model_args, add_server_args, load_from_args
+from chatglm.validation import (MAX_HISTORY_TURNS, GenerationOptions, InputError, check_count, check_history,
+                                check_text, parse_json_object)
 from utils import TextDeltas
 
 log = logging.getLogger("chatglm.api")
 
-# upstream api.py's defaults for POST /, also used by /v1/chat/completions when a field is left out
-DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
+# upstream api.py's default max_length for POST / (the sampling defaults are GenerationOptions')
+DEFAULT_MAX_LENGTH = 2048
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250 times the text of a full 2048-token prompt
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class APIError(Exception):
@@ -52,21 +58,14 @@ class APIError(Exception):
 
 
 def error_body(message: str, status: int, param=None, code=None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 503: "server_busy"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---- request bodies -------------------------------------------------------------------------------------------
-# strict: a string where a number belongs (or 1 where a bool belongs) is an error, not silently converted.
-
-def _stop_list(v, most=None):
-    v = [v] if isinstance(v, str) else (v or [])
-    if any(not s for s in v):
-        raise ValueError("stop strings must not be empty")
-    if most is not None and len(v) > most:
-        raise ValueError(f"stop takes at most {most} strings")
-    return v
+# strict: a string where a number belongs (or 1 where a bool belongs) is an error, not silently converted. The
+# models check shapes and types; values (ranges, text the tokenizer can encode) are chatglm.validation's.
 
 
 class UpstreamRequest(BaseModel):
@@ -75,31 +74,18 @@ class UpstreamRequest(BaseModel):
     model_config = ConfigDict(strict=True)
     prompt: str
     history: Optional[List[List[str]]] = None
-    max_length: Optional[int] = Field(None, ge=1)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    repetition_penalty: Optional[float] = None  # ranges: chatglm.chat.check_generation_args
+    max_length: Optional[int] = None
+    top_p: Optional[float] = None
+    temperature: Optional[float] = None
+    repetition_penalty: Optional[float] = None
     top_k: Optional[int] = None
     stop: Union[str, List[str], None] = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, v):
-        return _stop_list(v)
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, v):
         if not v.strip():
             raise ValueError("prompt is empty")
-        return v
-
-    @field_validator("history")
-    @classmethod
-    def _history_pairs(cls, v):
-        for i, pair in enumerate(v or []):
-            if len(pair) != 2:
-                raise ValueError(f"history[{i}] has {len(pair)} items; each entry must be a [query, response] pair")
         return v
 
 
@@ -129,15 +115,15 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True)
     model: Optional[str] = None  # any name is accepted (clients often send gpt-3.5-turbo); the reply names ours
     messages: List[Message] = Field(min_length=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # OpenAI's range (generation takes up to 100)
+    top_p: Optional[float] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
     # extensions, as vLLM's server takes them (top_k -1 = no limit, as there)
     repetition_penalty: Optional[float] = None
     top_k: Optional[int] = None
@@ -148,24 +134,16 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_strings(cls, v):
-        return _stop_list(v, most=4)
+    def _at_most_four(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("stop takes at most 4 strings")  # OpenAI's limit
+        return v
 
     @field_validator("n")
     @classmethod
     def _one_choice(cls, v):
         if v not in (None, 1):
             raise ValueError(f"only n=1 is supported (got n={v})")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, v):
-        for token, bias in (v or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias[{token}] = {bias} is outside [-100, 100]")
         return v
 
     @field_validator("tools")
@@ -185,25 +163,42 @@ def _describe(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def read_body(request: Request, model: type, require_json_type: bool):
-    """The body validated as `model`, or APIError(400) naming what is wrong. POST / takes JSON with any
-    Content-Type (upstream read the raw body, and `curl -d` sends form encoding); /v1 routes insist on JSON."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body of a POST: JSON content type required (a web page's form post, text/plain included, cannot
+    drive the model), at most max_bytes (413 otherwise; a longer body is read to its end and dropped, so the
+    client gets the answer instead of a reset connection). Parsing and checks happen off the event loop."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if require_json_type and not (ctype == "application/json" or ctype.endswith("+json")):
+    if not (ctype == "application/json" or ctype.endswith("+json")):
         raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})")
-    raw = await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= max_bytes:
+            chunks.append(chunk)
+        elif size > 64 * max_bytes:
+            break  # not worth reading further: the client may see a reset connection
+    if size > max_bytes:
+        raise APIError(413, f"request body is {size} bytes; at most {max_bytes} are accepted (--max-body-bytes)")
+    return b"".join(chunks)
+
+
+# the most entries a body's conversation list may hold: counted before each entry is validated
+MOST_ENTRIES = {"history": MAX_HISTORY_TURNS, "messages": 2 * MAX_HISTORY_TURNS + 1}
+
+
+def parse_body(raw: bytes, model: type):
+    """The body validated as `model`, or APIError(400) naming what is wrong. Runs in a worker thread."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON ({e})" if raw.strip() else "request body is empty; "
-                            "send a JSON object")
-    if not isinstance(data, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+        data = parse_json_object(raw)
+        for name, most in MOST_ENTRIES.items():
+            check_count(data.get(name), name, most)
+    except InputError as e:
+        raise APIError(400, str(e), param=e.field) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]["loc"]
-        raise APIError(400, _describe(e), param=str(first[0]) if first else None)
+        raise APIError(400, _describe(e), param=str(first[0]) if first else None) from None
 
 
 # ---- the model worker -----------------------------------------------------------------------------------------
@@ -426,7 +421,8 @@ async def wait_result(job: Job, request: Request) -> Result:
 
 class RequireAPIKey:
     """ASGI middleware: every HTTP request must carry `Authorization: Bearer <key>` (what the openai client
-    sends). Plain ASGI, not BaseHTTPMiddleware, so streaming and disconnect detection are untouched."""
+    sends). Plain ASGI, not BaseHTTPMiddleware, so streaming and disconnect detection are untouched.
+    GET /health without the key answers only {"status": "ok"} (a liveness probe needs no secret and learns nothing)."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
@@ -436,6 +432,9 @@ class RequireAPIKey:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.key):
+                if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
+                    await JSONResponse({"status": "ok"})(scope, receive, send)
+                    return
                 msg = ("missing API key: send 'Authorization: Bearer <key>'" if not given else "wrong API key")
                 response = JSONResponse(error_body(msg, 401, code="invalid_api_key"), status_code=401,
                                         headers={"WWW-Authenticate": "Bearer"})
@@ -454,7 +453,10 @@ def _json(obj) -> str:
 
 
 def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: Optional[str] = None,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, allowed_hosts: Optional[List[str]] = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """allowed_hosts: the Host header values served (None: any); others get 400, which stops DNS rebinding (a web
+    page whose name resolves to 127.0.0.1 reaching this keyless local server)."""
     context = int(model.config.max_sequence_length)
     served_name = model_name or ("chatglm-demo" if getattr(model, "is_demo", False) else
                                  os.path.basename(str(model.name_or_path).rstrip("/\\")) or "chatglm-6b")
@@ -471,6 +473,8 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
     app.state.worker = worker
     if api_key:
         app.add_middleware(RequireAPIKey, key=api_key)
+    if allowed_hosts is not None:  # added last, so it runs first
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -491,15 +495,18 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         return kept, dropped, prompt_length(tokenizer, query, kept)
 
-    def checked_options(**fields) -> dict:
-        """The extra generation fields that were given, each checked by the library's own rules (400 naming it)."""
-        given = {name: value for name, value in fields.items() if value is not None}
-        for name, value in given.items():
-            try:
-                check_generation_args(model.config, **{name: value})
-            except ValueError as e:
-                raise APIError(400, str(e), param=name) from None
-        return given
+    def checked(**given) -> GenerationOptions:
+        """The generation options of a request, validated by the one set of rules every front door uses."""
+        try:
+            return GenerationOptions.build(**given).validate(model.config)
+        except InputError as e:
+            raise APIError(400, str(e), param=e.field) from None
+
+    def checked_text(text, field: str) -> str:
+        try:
+            return check_text(text, field)
+        except InputError as e:
+            raise APIError(400, str(e), param=e.field) from None
 
     def dropped_header(dropped: int) -> dict:
         # the reply says when turns were left out of the prompt (the JSON body keeps upstream's exact shape)
@@ -510,26 +517,36 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
         return {"status": "ok", "model": served_name, "generating": worker.current is not None,
                 "queued": worker.queued}
 
+    def plan_upstream(raw: bytes):
+        """(body, the caller's history, Job, dropped turns) for a POST / body; every check and all tokenizing
+        (history fitting too) happen here, in a worker thread, so a huge request never stalls other clients."""
+        body = parse_body(raw, UpstreamRequest)
+        checked_text(body.prompt, "prompt")
+        try:
+            history = check_history(body.history)
+        except InputError as e:
+            raise APIError(400, str(e), param="history") from None
+        o = checked(max_length=min(DEFAULT_MAX_LENGTH, context) if body.max_length is None else body.max_length,
+                    top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
+                    top_k=body.top_k, stop=body.stop)
+        # only the options that were given go to stream_chat (its own defaults are the same values)
+        options = {name: getattr(o, name) for name in ("repetition_penalty", "top_k")
+                   if getattr(body, name) is not None}
+        if o.stop:
+            options["stop"] = list(o.stop)
+        kept, dropped, prompt_tokens = fit(body.prompt, history, o.max_length, "prompt")
+        job = Job(next(request_ids), "POST /", body.prompt, kept, o.max_length, o.top_p, o.temperature,
+                  prompt_tokens, options=options)
+        return body, history, job, dropped
+
     @app.post("/")
     async def upstream_chat(request: Request):
         """Upstream's API: {"prompt", "history", "max_length", "top_p", "temperature"} -> {"response", "history",
         "status": 200, "time"}. Explicit values are used as given (upstream replaced 0 by the default). Optional
         "repetition_penalty", "top_k" and "stop" go to stream_chat as they are (the reply is model.chat's)."""
-        body = await read_body(request, UpstreamRequest, require_json_type=False)
-        options = checked_options(top_p=body.top_p, repetition_penalty=body.repetition_penalty, top_k=body.top_k)
-        options.pop("top_p", None)
-        if body.stop:
-            options["stop"] = body.stop
-        history = [tuple(pair) for pair in body.history or []]
-        max_length = body.max_length if body.max_length is not None else min(DEFAULT_MAX_LENGTH, context)
-        if max_length > context:
-            raise APIError(400, f"max_length={max_length} is more than the model's context of {context} tokens",
-                           param="max_length")
-        kept, dropped, prompt_tokens = fit(body.prompt, history, max_length, "prompt")
-        job = worker.submit(Job(
-            next(request_ids), "POST /", body.prompt, kept, max_length,
-            DEFAULT_TOP_P if body.top_p is None else body.top_p,
-            DEFAULT_TEMPERATURE if body.temperature is None else body.temperature, prompt_tokens, options=options))
+        raw = await read_body(request, max_body_bytes)
+        body, history, job, dropped = await run_in_threadpool(plan_upstream, raw)
+        job = worker.submit(job)
         try:
             result = await wait_result(job, request)
         except ClientGone:
@@ -548,6 +565,8 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
     def to_query_and_history(messages: List[Message]):
         """OpenAI messages -> (query, [(q, a), ...]). System messages are put in front of the first user message
         (ChatGLM-6B has no system role); consecutive messages of one role are joined by newlines."""
+        for i, m in enumerate(messages):
+            checked_text(m.text, f"messages[{i}].content")
         system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
         turns: List[List[str]] = []  # [role, text]
         for m in messages:
@@ -570,32 +589,31 @@ def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: O
             raise APIError(400, "the last user message is empty", param="messages")
         return query, history
 
+    def plan_chat_completion(raw: bytes):
+        """(body, Job, dropped turns) for a /v1/chat/completions body; checks and tokenizing in a worker thread."""
+        body = parse_body(raw, ChatCompletionRequest)
+        o = checked(top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
+                    top_k=0 if body.top_k == -1 else body.top_k,  # -1 = no limit, as vLLM
+                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                    logit_bias=body.logit_bias, seed=body.seed, stop=body.stop,
+                    max_new_tokens=body.max_completion_tokens or body.max_tokens, max_length=context)
+        options = {name: getattr(o, name) for name in ("repetition_penalty", "top_k")
+                   if getattr(body, name) is not None}
+        penalties = {name: getattr(o, name) for name in ("frequency_penalty", "presence_penalty") if getattr(o, name)}
+        query, history = to_query_and_history(body.messages)
+        history, dropped, prompt_tokens = fit(query, history, context, "messages")
+        job = Job(
+            next(request_ids), "/v1/chat/completions" + (" stream" if body.stream else ""), query, history,
+            min(context, prompt_tokens + o.max_new_tokens) if o.max_new_tokens else context, o.top_p, o.temperature,
+            prompt_tokens, stream=bool(body.stream), stop=list(o.stop), seed=o.seed,
+            logit_bias=dict(o.logit_bias) or None, penalties=penalties or None, options=options)
+        return body, job, dropped
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request, ChatCompletionRequest, require_json_type=True)
-        if body.top_k is not None and body.top_k < -1:
-            raise APIError(400, f"top_k must be an integer >= 0 (0 or -1 = no limit), got {body.top_k}",
-                           param="top_k")
-        options = checked_options(top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                                  top_k=0 if body.top_k == -1 else body.top_k)
-        options.pop("top_p", None)
-        penalties = {name: value for name, value in (("frequency_penalty", body.frequency_penalty),
-                                                     ("presence_penalty", body.presence_penalty)) if value}
-        query, history = to_query_and_history(body.messages)
-        max_new = body.max_completion_tokens or body.max_tokens
-        history, dropped, prompt_tokens = fit(query, history, context, "messages")
-        bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
-        bad = [k for k in bias if k >= model.config.vocab_size]
-        if bad:
-            raise APIError(400, f"logit_bias token id {bad[0]} is not in the vocabulary (size "
-                                f"{model.config.vocab_size})", param="logit_bias")
-        job = worker.submit(Job(
-            next(request_ids), "/v1/chat/completions" + (" stream" if body.stream else ""), query, history,
-            min(context, prompt_tokens + max_new) if max_new else context,
-            DEFAULT_TOP_P if body.top_p is None else body.top_p,
-            DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-            prompt_tokens, stream=bool(body.stream), stop=body.stop or [], seed=body.seed, logit_bias=bias or None,
-            penalties=penalties or None, options=options))
+        raw = await read_body(request, max_body_bytes)
+        body, job, dropped = await run_in_threadpool(plan_chat_completion, raw)
+        job = worker.submit(job)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage(r: Result) -> dict:
@@ -661,7 +679,15 @@ def main(argv=None):
                    help="model id reported by /v1/models and in replies (default: the model folder's name)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests allowed to wait for the model before new ones get 503 (default 64)")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host header names to serve, e.g. api.example.com (a '*.' prefix matches "
+                        "subdomains; '*' = any). Others get 400, which blocks DNS rebinding. Default: "
+                        f"{','.join(LOOPBACK_HOSTS)} when bound to a loopback address, else any")
+    g.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help=f"largest request body accepted; larger ones get 413 (default {MAX_BODY_BYTES})")
     args = parser.parse_args(argv)
+    if args.max_body_bytes < 1:
+        parser.error("argument --max-body-bytes: must be a positive number of bytes")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from chatglm import ModelLoadError
@@ -670,10 +696,16 @@ def main(argv=None):
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
+    if not loopback and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach port %d can use the model",
                     args.host, args.port)
-    app = create_app(tokenizer, model, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue)
+    if args.allowed_hosts:
+        allowed = [name.strip() for name in args.allowed_hosts.split(",") if name.strip()]
+    else:
+        allowed = sorted({*LOOPBACK_HOSTS, "[::1]", args.host}) if loopback else None
+    app = create_app(tokenizer, model, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue,
+                     allowed_hosts=allowed, max_body_bytes=args.max_body_bytes)
 
     import uvicorn
     log.info("ChatGLM-6B API on http://%s:%d (POST /, /v1/chat/completions, /v1/models, /health); %s",

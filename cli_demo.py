@@ -18,6 +18,7 @@ from chatglm.context import ContextTooLongError, fit_history
 from chatglm.model_info import describe_model
 from chatglm.options import add_generation_args, add_model_args, check_generation_options, generation_kwargs, \
     load_from_args
+from chatglm.validation import InputError, check_text
 from utils import TextDeltas
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
@@ -133,6 +134,11 @@ def main(argv=None):
             history = []
             clear_screen()
             greet(model)
+            continue
+        try:
+            check_text(query, "the message")
+        except InputError as e:
+            print(f"（输入无效 / not sent: {e}）")
             continue
         try:
             history, dropped = fit_history(tokenizer, query, history, args.max_length,

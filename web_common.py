@@ -5,20 +5,24 @@ Both pages keep the raw (query, reply) pairs in a gr.State (Conversation) and on
 never inject HTML into the page while Markdown (emphasis, lists, code blocks) still renders.
 """
 import argparse
+import functools
+import html
 import os
-import re
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import gradio as gr
+from markdown_it import MarkdownIt
+from mdit_py_plugins.dollarmath import dollarmath_plugin
 
-from chatglm.chat import check_generation_args
 from chatglm.context import ContextTooLongError, fit_history
 from chatglm.loading import ModelLoadError
 from chatglm.model_info import describe_model
 from chatglm.options import add_model_args, add_server_args, load_from_args
+from chatglm.validation import GenerationOptions, InputError, check_text
 
 # upstream's slider ranges and defaults
 MAX_LENGTH = dict(minimum=0, maximum=4096, value=2048, step=1)
@@ -32,17 +36,41 @@ DEFAULT_PORT = 7860
 # a local font stack: the default theme fetches Google Fonts, which offline machines can't reach
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
-CSS = "#demo-notice {border: 1px solid #f59e0b; background: #fffbeb; border-radius: 6px; padding: 4px 12px;}"
+CSS = ("#demo-notice {border: 1px solid #f59e0b; background: #fffbeb; border-radius: 6px; padding: 4px 12px;}\n"
+       ".typed {white-space: pre-wrap;}")  # the user's text keeps its spaces and line breaks
+
+
+def _login(text: str):
+    user, colon, password = (text or "").partition(":")
+    if not (user and colon and password):
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD, both non-empty")
+    return user, password
 
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     add_model_args(parser)
-    add_server_args(parser, port=DEFAULT_PORT, share=True)
+    g = add_server_args(parser, port=DEFAULT_PORT, share=True)
     # Gradio's own variables, which a Hugging Face Space sets (0.0.0.0:7860); unset, the defaults stay loopback
     parser.set_defaults(host=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         port=int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT))
+    auth = os.environ.get("CHATGLM_WEB_AUTH") or None
+    g.add_argument("--auth", type=_login, default=_login(auth) if auth else None, metavar="USER:PASSWORD",
+                   help="ask for this login before the page opens (Gradio's own login; default: $CHATGLM_WEB_AUTH, "
+                        "which keeps the password out of the process list; none)")
     return parser.parse_args(argv)
+
+
+def exposure_warning(args: argparse.Namespace) -> str:
+    """A loud warning when the page is reachable from other machines without a login ("" when it is not)."""
+    local = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    if args.auth or (local and not args.share):
+        return ""
+    where = "a public share link" if args.share else f"{args.host}:{args.port} (other machines can connect)"
+    line = "!" * 100
+    return (f"{line}\nWARNING: serving the chat page on {where} WITHOUT A LOGIN: anyone who reaches it can use the "
+            f"model and this machine's compute.\nAdd --auth USER:PASSWORD (or set CHATGLM_WEB_AUTH) to require one."
+            f"\n{line}")
 
 
 def load(args: argparse.Namespace):
@@ -53,11 +81,14 @@ def load(args: argparse.Namespace):
         raise SystemExit(f"error: {e}")
 
 
-def launch(demo: gr.Blocks, args: argparse.Namespace):
+def launch(demo: gr.Blocks, args: argparse.Namespace, **options):
+    warning = exposure_warning(args)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # run_history off: the chat keeps its own history, and calls need not be recorded (in the browser, or in a
     # Hugging Face bucket that page offers to connect)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
-                        ssr_mode=False, show_error=True, run_history=False)
+                        ssr_mode=False, show_error=True, run_history=False, auth=args.auth, **options)
 
 
 def demo_notice(model) -> str:
@@ -103,51 +134,35 @@ def parse_stop(text) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Safe Markdown: escape HTML everywhere except inside code, where Markdown already shows text literally (an
-# escaped "&lt;" there would be displayed as the five characters).
+# Safe rendering. Model replies are Markdown rendered here by markdown-it-py with raw HTML off (so any HTML in them
+# is text), images off (a reply must not make the browser fetch a URL) and $/$$ math left as written for Gradio's
+# KaTeX. What the user typed is shown as typed: escaped text, no Markdown. Both come out as one line of HTML (no
+# newline at all: inside code they are written &#10;), which Gradio's own Markdown pass keeps as a single HTML block
+# and hands to its sanitizer unchanged.
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
-
-
-def _escape_html(text: str) -> str:
-    # "<" opens every tag and "&" every entity; ">" alone is harmless and starts Markdown quotes, so it stays
-    return text.replace("&", "&amp;").replace("<", "&lt;")
-
-
-def _escape_outside_code_spans(text: str) -> str:
-    out, pos = [], 0
-    for m in _CODE_SPAN.finditer(text):
-        if "\n\n" in m.group(2):  # a code span never crosses a paragraph break
-            continue
-        out += [_escape_html(text[pos:m.start()]), m.group(0)]
-        pos = m.end()
-    out.append(_escape_html(text[pos:]))
-    return "".join(out)
+def _math_as_written(self, tokens, idx, options, env) -> str:
+    token = tokens[idx]
+    text = html.escape(f"{token.markup}{token.content}{token.markup}", quote=False)
+    return f"<p>{text}</p>" if token.block else text
 
 
-def to_safe_markdown(text: str) -> str:
-    """Markdown that shows `text` as the model wrote it, with any HTML in it displayed as text, never run.
+_MARKDOWN = (MarkdownIt("commonmark", {"html": False, "breaks": True})
+             .enable(["table", "strikethrough"]).disable("image")
+             .use(dollarmath_plugin, allow_labels=False, allow_space=False, allow_digits=False, double_inline=True))
+for _rule in ("math_inline", "math_inline_double", "math_block"):
+    _MARKDOWN.add_render_rule(_rule, _math_as_written)
 
-    A fence left open (a reply still streaming, or stopped) is closed so it cannot swallow what follows it."""
-    out, prose, fence = [], [], None
-    for line in text.split("\n"):
-        m = _FENCE.match(line)
-        if fence is None and m:
-            out.append(_escape_outside_code_spans("\n".join(prose)))
-            prose, fence = [], m.group(1)
-            out.append(line)
-        elif fence is not None:
-            out.append(line)
-            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not line.strip().strip(fence[0]):
-                fence = None
-        else:
-            prose.append(line)
-    if prose:
-        out.append(_escape_outside_code_spans("\n".join(prose)))
-    if fence is not None:
-        out.append(fence)
-    return "\n".join(out)
+
+@functools.lru_cache(maxsize=512)  # every update re-renders the conversation; finished turns come from here
+def render_reply(text: str) -> str:
+    """HTML for a model reply: its Markdown rendered, any HTML in it shown as text, never run."""
+    return _MARKDOWN.render(text).strip().replace("\n", "&#10;")
+
+
+@functools.lru_cache(maxsize=512)
+def render_typed(text: str) -> str:
+    """HTML for what the user typed: the text exactly, line breaks and spaces kept, nothing interpreted."""
+    return f'<p class="typed">{html.escape(text, quote=False).replace(chr(10), "&#10;")}</p>'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,23 +229,40 @@ class Refused(Exception):
     """A message that gets a warning instead of a reply (str: the warning, empty for an empty message)."""
 
 
+def _slider(value, integer=False):
+    """A control's value as a number (a slider sends 50.0 for 50); anything else is left for validate() to name."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if integer and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def generation_options(top_p, temperature, repetition_penalty, top_k, stop) -> dict:
     """stream_chat's keyword arguments for the added controls; Refused names a value generation can't use."""
-    options = dict(repetition_penalty=float(repetition_penalty), top_k=int(top_k), stop=parse_stop(stop))
     try:
-        check_generation_args(None, top_p=float(top_p), temperature=float(temperature),
-                              repetition_penalty=options["repetition_penalty"], top_k=options["top_k"])
-    except ValueError as e:
+        o = GenerationOptions.build(top_p=_slider(top_p), temperature=_slider(temperature),
+                                    repetition_penalty=_slider(repetition_penalty),
+                                    top_k=_slider(top_k, integer=True),
+                                    stop=parse_stop(stop) if isinstance(stop, (str, type(None))) else stop).validate()
+    except InputError as e:
         raise Refused(f"Your message was not sent: {e}.") from None
-    return options
+    return dict(repetition_penalty=o.repetition_penalty, top_k=o.top_k, stop=list(o.stop))
 
 
 def plan_turn(model, tokenizer, query: str, history: list, max_length):
     """(turns the model will see, Maximum length it can honour) for one message; raises Refused when the message
     can't be answered (the pages then leave it in the text box, so nothing typed is lost)."""
-    if not query.strip():
-        raise Refused("")
-    max_length, context = int(max_length), model.config.max_sequence_length
+    try:
+        if not check_text(query, "message").strip():
+            raise Refused("")
+        max_length = GenerationOptions.build(max_length=_slider(max_length, integer=True)).validate().max_length
+    except InputError as e:
+        raise Refused(f"Your message was not sent: {e}.") from None
+    context = model.config.max_sequence_length
     if max_length > context:  # upstream's slider goes to 4096; the model can't
         gr.Info(f"Maximum length {max_length} is beyond this model's context; using {context}.")
         max_length = context

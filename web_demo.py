@@ -1,6 +1,7 @@
 """ChatGLM-6B in the browser: a chat page that streams each reply as it is generated.
 
     python web_demo.py [--model-path DIR] [--quantize 4|8] [--port 7860] [--host 127.0.0.1] [--share]
+                       [--auth USER:PASSWORD]
 
 then open the printed address. Enter sends, Shift+Enter starts a new line.
 """
@@ -10,21 +11,26 @@ import web_common as web
 
 
 def messages(history):
-    """Chatbot messages for the raw (query, reply) pairs, escaped so that only Markdown renders."""
+    """Chatbot messages for the raw (query, reply) pairs: the user's text as typed, the reply's Markdown rendered,
+    HTML in either shown as text (web_common.render_typed / render_reply)."""
     out = []
     for query, reply in history:
-        out.append({"role": "user", "content": web.to_safe_markdown(query)})
+        out.append({"role": "user", "content": web.render_typed(query)})
         if reply:
-            out.append({"role": "assistant", "content": web.to_safe_markdown(reply)})
+            out.append({"role": "assistant", "content": web.render_reply(reply)})
     return out
+
+
+def chat_view(value=None) -> gr.Chatbot:
+    return gr.Chatbot(value, show_label=False, elem_id="chatbot", height=480, allow_tags=False,
+                      feedback_options=None, buttons=["copy"])
 
 
 def build_demo(tokenizer, model) -> gr.Blocks:
     with gr.Blocks(title="ChatGLM", analytics_enabled=False) as demo:
         gr.HTML('<h1 align="center">ChatGLM</h1>')
         web.add_notice(model)
-        chatbot = gr.Chatbot(show_label=False, elem_id="chatbot", height=480, allow_tags=False,
-                             feedback_options=None, buttons=["copy"])
+        chatbot = chat_view()
         conversation = gr.State(web.Conversation())  # one per tab
         with gr.Row():
             with gr.Column(scale=4):

@@ -1,6 +1,7 @@
 """ChatGLM-6B, the earlier and simpler web page: the conversation as a transcript of question/answer pairs.
 
     python web_demo_old.py [--model-path DIR] [--quantize 4|8] [--port 7860] [--host 127.0.0.1] [--share]
+                           [--auth USER:PASSWORD]
 
 Same options, model and generation as web_demo.py; only the page differs.
 """
@@ -10,10 +11,15 @@ import web_common as web
 
 
 def transcript(history) -> str:
-    """The whole conversation as one Markdown document, each turn a 用户 / ChatGLM-6B pair (labels as upstream)."""
-    turns = [f"**用户：**\n\n{web.to_safe_markdown(query)}\n\n**ChatGLM-6B：**\n\n{web.to_safe_markdown(reply)}"
-             for query, reply in history]
-    return "\n\n---\n\n".join(turns)
+    """The whole conversation as one HTML document, each turn a 用户 / ChatGLM-6B pair (labels as upstream): the
+    user's text as typed, the reply's Markdown rendered, HTML in either shown as text."""
+    turns = [f"<p><strong>用户：</strong></p>{web.render_typed(query)}"
+             f"<p><strong>ChatGLM-6B：</strong></p>{web.render_reply(reply)}" for query, reply in history]
+    return "<hr>".join(turns)
+
+
+def transcript_view(value="") -> gr.Markdown:
+    return gr.Markdown(value, elem_id="transcript", min_height=200, line_breaks=True)
 
 
 def build_demo(tokenizer, model) -> gr.Blocks:
@@ -22,7 +28,7 @@ def build_demo(tokenizer, model) -> gr.Blocks:
         web.add_notice(model)
         conversation = gr.State(web.Conversation())
         # the conversation first, the controls below it, as upstream laid this page out
-        transcript_view = gr.Markdown(elem_id="transcript", min_height=200, line_breaks=True)
+        shown = transcript_view()
         with gr.Row():
             with gr.Column(scale=4):
                 query = gr.Textbox(show_label=False, placeholder="Enter text and press enter", lines=1, max_lines=11,
@@ -37,11 +43,11 @@ def build_demo(tokenizer, model) -> gr.Blocks:
 
         gr.on([generate.click, query.submit], web.turn_handler(model, tokenizer, render=transcript),
                      inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
-                             stop_strings], outputs=[query, transcript_view],
+                             stop_strings], outputs=[query, shown],
                      concurrency_limit=None, trigger_mode="always_last")  # sent during a reply: goes after it
         stop.click(web.stop_handler, inputs=[conversation], outputs=None, concurrency_limit=None,
                    show_progress="hidden")
-        clear.click(web.clear_handler(render=transcript), inputs=[conversation], outputs=[transcript_view],
+        clear.click(web.clear_handler(render=transcript), inputs=[conversation], outputs=[shown],
                     concurrency_limit=None)
     return demo
 

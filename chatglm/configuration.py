@@ -1,5 +1,13 @@
-"""ChatGLMConfig: the fields of the official config.json, with the original's defaults."""
+"""ChatGLMConfig: the fields of the official config.json, with the original's defaults, and the checks a config
+must pass before a model is built from it."""
+from typing import List
+
 from transformers import PretrainedConfig
+
+# fields that must be positive integers (the model's shapes are built from them)
+POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_sequence_length",
+                       "inner_hidden_size")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -46,3 +54,37 @@ class ChatGLMConfig(PretrainedConfig):
         self.prefix_projection = prefix_projection
         self.tie_word_embeddings = kwargs.pop("tie_word_embeddings", True)  # lm_head shares the embedding
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def config_problems(config: ChatGLMConfig) -> List[str]:
+    """What makes `config` unusable, one phrase per field (empty when it is fine): wrong types, non-positive
+    sizes, heads that do not divide hidden_size, token ids outside the vocabulary, a bad pre_seq_len."""
+    problems = []
+    for name in POSITIVE_INT_FIELDS:
+        value = getattr(config, name, None)
+        if not _is_int(value) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r:.40}")
+    if problems:
+        return problems  # the checks below combine these fields
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    multiple = 4 if config.position_encoding_2d else 2  # each head's rotary halves (2-D: quarters) need even sizes
+    if hidden % heads or (hidden // heads) % multiple:
+        problems.append(f"num_attention_heads {heads} must divide hidden_size {hidden} into heads whose size is a "
+                        f"multiple of {multiple} (e.g. 32 heads of 128 for 4096)")
+    epsilon = config.layernorm_epsilon
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
+        problems.append(f"layernorm_epsilon must be a small positive number, got {epsilon!r:.40}")
+    for name in TOKEN_ID_FIELDS:
+        value = getattr(config, name, None)
+        if value is not None and (not _is_int(value) or not 0 <= value < config.vocab_size):
+            problems.append(f"{name} must be a token id in 0..{config.vocab_size - 1}, got {value!r:.40}")
+    if config.pre_seq_len is not None and (not _is_int(config.pre_seq_len) or config.pre_seq_len < 1):
+        problems.append(f"pre_seq_len must be a positive integer (the P-Tuning prefix length), got "
+                        f"{config.pre_seq_len!r:.40}")
+    if config.quantization_bit not in (0, 4, 8):
+        problems.append(f"quantization_bit must be 0, 4 or 8, got {config.quantization_bit!r:.40}")
+    return problems

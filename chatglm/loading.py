@@ -5,6 +5,8 @@ made; with quantize=4|8 each weight is quantized as it arrives, so peak memory s
 """
 import json
 import os
+import pickle
+import re
 import sys
 import warnings
 from typing import Optional
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from . import kernel_choice
-from .configuration import ChatGLMConfig
+from .configuration import ChatGLMConfig, config_problems
 from .tokenization import VOCAB_FILE, ChatGLMTokenizer
 
 HOW_TO_GET_WEIGHTS = (
@@ -105,9 +107,21 @@ def read_state_dict(path: str):
             if "mmap" not in str(e):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip torch.save file
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise _unreadable(path, e) from e
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ModelLoadError(
+            f"{path} is UNSAFE: besides tensors it holds Python objects ({found.group(1) if found else 'unknown'}) "
+            f"that would run code when loaded, so it was not loaded. Official weights never do this: download "
+            f"them again from a source you trust (prefer .safetensors files).") from None
     except Exception as e:
-        raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}). The file is probably "
-                             f"truncated or corrupt ({os.path.getsize(path)} bytes): download it again.") from e
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {str(e)[:300]}). The file is "
+                          f"probably truncated or corrupt ({os.path.getsize(path)} bytes): download it again.")
 
 
 def release_pages(t: torch.Tensor):
@@ -138,7 +152,15 @@ def load_config(folder: str, **overrides) -> ChatGLMConfig:
         raise ModelLoadError(f"{p} is not a valid ChatGLM config ({e})") from e
     if config.model_type != "chatglm":
         raise ModelLoadError(f"{p} describes a {config.model_type!r} model, not ChatGLM-6B (model_type 'chatglm')")
+    check_config(config, p)
     return config
+
+
+def check_config(config: ChatGLMConfig, source: str):
+    """ModelLoadError naming `source` (the file or option the values came from) and every bad field."""
+    problems = config_problems(config)
+    if problems:
+        raise ModelLoadError(f"{source}: {'; '.join(problems)}")
 
 
 # ---- device and dtype -------------------------------------------------------------------------------------------
@@ -253,10 +275,13 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     # lm_head shares the embedding's tensors (tied, or the same quantized ones): never loaded on its own
     expected = {k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq") and not k.startswith("lm_head.")}
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    loaded, shapes_wrong, quantized_head = set(), [], {}
+    loaded, shapes_wrong, quantized_head, file_layers = set(), [], {}, set()
     for f in files:
         sd = read_state_dict(f)
         for key, t in sd.items():
+            layer = re.match(r"transformer\.layers\.(\d+)\.", key)
+            if layer:
+                file_layers.add(int(layer.group(1)))
             if key.startswith("lm_head.") and (t.dtype == torch.int8 or key.endswith("_scale")):
                 quantized_head[key] = t  # an int4-qe file's copy of the embedding's tensors: compared below
                 continue
@@ -289,6 +314,10 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
             if t.data_ptr() != source.data_ptr():  # converted or moved: the model keeps no view of the file
                 release_pages(source)
         del sd
+    if file_layers and len(file_layers) != config.num_layers:
+        raise ModelLoadError(f"the weights in {folder} have {len(file_layers)} layers, but "
+                             f"{os.path.join(folder, 'config.json')} says num_layers {config.num_layers}: use the "
+                             f"config.json that came with these weights")
     if shapes_wrong:
         raise ModelLoadError(f"weights in {folder} do not fit its config.json ({os.path.join(folder, 'config.json')})"
                              f": {'; '.join(shapes_wrong[:5])}. Use the config.json that came with these weights.")
@@ -345,10 +374,16 @@ def read_ptuning_checkpoint(folder: str):
         raise ModelLoadError(f"P-Tuning checkpoint {folder!r} does not exist (expected a folder with config.json and "
                              f"pytorch_model.bin or model.safetensors, e.g. output/adgen-chatglm-6b-pt-128-2e-2/"
                              f"checkpoint-3000)")
-    cfg = {}
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
+    cfg, cfg_path = {}, os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ModelLoadError(f"{cfg_path} is not a valid P-Tuning config ({e}); it should be the config.json "
+                                 f"saved with the checkpoint") from None
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
     tensors = {}
     for f in weight_files(folder):
         for k, v in read_state_dict(f).items():
@@ -389,9 +424,11 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
         config.prefix_projection = ck_proj if prefix_projection is None else prefix_projection
         if config.pre_seq_len is None:
             raise ModelLoadError(f"{ptuning_checkpoint}/config.json does not say pre_seq_len; pass --pre-seq-len")
-    elif pre_seq_len:
+        check_config(config, "--pre-seq-len" if pre_seq_len else os.path.join(ptuning_checkpoint, "config.json"))
+    elif pre_seq_len:  # 0 or None: no prefix
         config.pre_seq_len = pre_seq_len
         config.prefix_projection = bool(prefix_projection)
+        check_config(config, "--pre-seq-len")
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelLoadError(f"{os.path.join(folder, VOCAB_FILE)} has {tokenizer.vocab_size} pieces but "
                              f"config.json's vocab_size is {config.vocab_size}: tokenizer and weights do not belong "

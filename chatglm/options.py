@@ -5,6 +5,8 @@ One place defines them so every script spells and defaults them the same way.
 import argparse
 import os
 
+from .validation import GenerationOptions, InputError
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
@@ -23,7 +25,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="compute dtype (default: float16 on GPU; on CPU float32, or bfloat16 for a quantized model)")
     g.add_argument("--ptuning-checkpoint", default=None,
                    help="folder of a P-Tuning v2 checkpoint (prefix encoder) to load on top of the model")
-    g.add_argument("--pre-seq-len", type=int, default=None,
+    g.add_argument("--pre-seq-len", type=_positive_int, default=None,
                    help="prefix length of the P-Tuning checkpoint (default: read from its config.json)")
     return parser
 
@@ -52,7 +54,10 @@ def load_from_args(args: argparse.Namespace):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -77,18 +82,13 @@ def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def check_generation_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """Exits with argparse's usage error for a sampling value generation would refuse (before the model loads).
-    The ranges are chatglm.chat.check_generation_args'; max_length against the context is checked once loaded."""
-    from .chat import check_generation_args, stop_strings
-    for name in ("top_p", "temperature", "repetition_penalty", "top_k"):
-        try:
-            check_generation_args(None, **{name: getattr(args, name)})
-        except ValueError as e:
-            parser.error(f"argument --{name.replace('_', '-')}: {e}")
+    """Exits with argparse's usage error for a sampling value generation would refuse (before the model loads),
+    by the rules every front door shares (chatglm.validation); max_length against the context is checked once
+    loaded."""
     try:
-        stop_strings(args.stop)
-    except ValueError:
-        parser.error("argument --stop: takes a non-empty text")
+        GenerationOptions.build(**generation_kwargs(args)).validate()
+    except InputError as e:
+        parser.error(f"argument --{(e.field or 'stop').split('[')[0].replace('_', '-')}: {e}")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:

@@ -4,6 +4,7 @@ generation options (one frozen object holding the defaults, validated once).
 A failed check raises InputError naming the field and the problem; the API turns it into a 400, the pages and
 the CLI into one line.
 """
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -11,6 +12,11 @@ from typing import Optional, Tuple
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 500  # the reply is searched for every stop string after every token
+MAX_LOGIT_BIAS = 300  # token ids in one logit_bias (OpenAI's limit)
+MAX_HISTORY_TURNS = 4096  # far more than a context holds: only the newest turns are ever kept
+MAX_JSON_DEPTH = 32  # our request bodies nest 5 deep; deeper is an attack or a mistake
+MAX_NUMBER_DIGITS = 40  # 2**63 has 19; Python refuses ints over 4300 digits with a ValueError of its own
 
 # SentencePiece cannot encode lone surrogates, and NUL ends C strings on the way in: refuse both, everywhere
 _UNENCODABLE = re.compile("[\x00\ud800-\udfff]")
@@ -36,12 +42,20 @@ def check_text(text, field: str) -> str:
     return text
 
 
+def check_count(items, field: str, most: int):
+    """InputError when a list holds more than `most` entries (checked before anything looks at each one)."""
+    if isinstance(items, (list, tuple)) and len(items) > most:
+        raise InputError(f"{field} has {len(items)} entries; at most {most} are accepted (only the newest turns fit "
+                         f"in the model's context anyway: send those)", field)
+
+
 def check_history(history, field: str = "history") -> list:
     """history as a list of (query, response) str pairs; InputError for any other shape or unencodable text."""
     if history is None:
         return []
     if not isinstance(history, (list, tuple)):
         raise InputError(f"{field} must be a list of [query, response] pairs, got {type(history).__name__}", field)
+    check_count(history, field, MAX_HISTORY_TURNS)
     pairs = []
     for i, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -49,6 +63,71 @@ def check_history(history, field: str = "history") -> list:
         pairs.append((check_text(pair[0], f"{field}[{i}][0]"), check_text(pair[1], f"{field}[{i}][1]")))
     return pairs
 
+
+def check_text_field(text, field: str) -> str:
+    """check_text for a message that must also say something (not only spaces)."""
+    if not check_text(text, field).strip():
+        raise InputError(f"{field} is empty", field)
+    return text
+
+
+# ---- JSON bodies -------------------------------------------------------------------------------------------------
+
+def _refuse_constant(name: str):
+    raise InputError(f"{name} is not a JSON number; send a finite number")
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) > MAX_NUMBER_DIGITS:
+        raise InputError(f"a number in the body has {len(digits)} digits; at most {MAX_NUMBER_DIGITS} are accepted")
+    return int(digits)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InputError(f"{text[:40]} is too large for a number; send a finite number")
+    return value
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body as a JSON object; InputError for invalid UTF-8 (e.g. an encoded lone surrogate, ED A0 80),
+    invalid JSON, NaN/Infinity, absurdly long numbers, nesting deeper than MAX_JSON_DEPTH, or a non-object.
+    Text inside still needs check_text: JSON escapes can spell lone surrogates ("\\ud800") and NUL."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"request body is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4].hex(' ')}); "
+                         f"send UTF-8 JSON") from None
+    if not text.strip():
+        raise InputError("request body is empty; send a JSON object")
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant, parse_int=_parse_int, parse_float=_parse_float)
+    except RecursionError:
+        raise InputError(f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"request body is not valid JSON ({e})") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise InputError(f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    if not isinstance(data, dict):
+        raise InputError(f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---- generation options ------------------------------------------------------------------------------------------
 
 def _number(value, field: str, integer=False):
     kinds = (int,) if integer else (int, float)
@@ -140,6 +219,11 @@ class GenerationOptions:
         for i, s in enumerate(self.stop):
             if not check_text(s, f"stop[{i}]"):
                 raise InputError("stop strings must not be empty", "stop")
+            if len(s) > MAX_STOP_CHARS:
+                raise InputError(f"stop[{i}] is {len(s)} characters long; at most {MAX_STOP_CHARS}", "stop")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InputError(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(self.logit_bias)}",
+                             "logit_bias")
         bias = []
         for token, value in self.logit_bias:
             if isinstance(token, str):
@@ -148,7 +232,8 @@ class GenerationOptions:
                 token = int(token)
             _number(token, "logit_bias key", integer=True)
             if config is not None and not 0 <= token < config.vocab_size:
-                raise InputError(f"logit_bias key {token} is not a token id (0..{config.vocab_size - 1})",
+                raise InputError(f"logit_bias key {token} is not a token id in the vocabulary "
+                                 f"(0..{config.vocab_size - 1})",
                                  "logit_bias")
             if not -100 <= _number(value, f"logit_bias[{token}]") <= 100:
                 raise InputError(f"logit_bias[{token}] = {value} is outside [-100, 100]", "logit_bias")

@@ -14,41 +14,74 @@ import logging
 import torch
 
 from chatglm import build_prompt
+from chatglm.validation import InputError, check_history, check_text
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label value that CrossEntropyLoss skips
 
 
 def read_rows(path):
-    """The rows of a JSON-lines file (a file holding one JSON array works too)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """The rows of a JSON-lines file (a file holding one JSON array works too). ValueError naming the file and line
+    for text that is not UTF-8, invalid JSON, or a row that is not an object."""
+    return read_rows_and_lines(path)[0]
+
+
+def read_rows_and_lines(path):
+    """(rows, the line each row starts on) of a JSON-lines file or a JSON array file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as "
+                         f"UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        lines = [None] * len(rows)  # one document: rows have no lines of their own
     else:
-        rows = []
+        rows, lines = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise ValueError(f"{path} line {n}: not valid JSON ({e}); expected one object per line") from None
-    for n, row in enumerate(rows, 1):
+            lines.append(n)
+    for n, (row, line) in enumerate(zip(rows, lines), 1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path} row {n}: expected a JSON object, got {type(row).__name__}")
-    return rows
+            raise ValueError(f"{_where(path, n, line)}: expected a JSON object, got {type(row).__name__}")
+    return rows, lines
 
 
-def check_columns(rows, path, columns):
-    for n, row in enumerate(rows, 1):
+def _where(path, n, line=None) -> str:
+    return f"{path} line {line}" if line is not None else f"{path} row {n}"
+
+
+def check_columns(rows, path, columns, lines=None):
+    """ValueError naming the file, the line (or row) and the field for a row the prompt/response/history columns
+    cannot be read from: a missing field, a value that is not text (or null), text the tokenizer cannot encode,
+    a history that is not a list of [query, response] pairs. Null or empty prompts/responses are skipped later."""
+    prompt, response, history = (tuple(columns) + (None, None, None))[:3]
+    lines = lines or [None] * len(rows)
+    for n, (row, line) in enumerate(zip(rows, lines), 1):
+        where = _where(path, n, line)
         for column in columns:
             if column is not None and column not in row:
-                raise ValueError(f"{path} row {n} has no field {column!r} (it has {sorted(row)}); "
+                raise ValueError(f"{where} has no field {column!r} (it has {sorted(row)}); "
                                  f"set --prompt_column/--response_column/--history_column to the right names")
+        try:
+            for column in (prompt, response):
+                if column is not None and row[column] is not None:
+                    check_text(row[column], column)
+            if history is not None:
+                check_history(row[history], history)
+        except InputError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def prompts_and_answers(rows, prompt_column, response_column, history_column=None, source_prefix=""):

@@ -25,7 +25,7 @@ from chatglm import ModelLoadError, load_model  # noqa: E402
 from chatglm.cpu_pack import unpack  # noqa: E402
 from ptuning.arguments import DataTrainingArguments, ModelArguments  # noqa: E402
 from ptuning.data import (GenerationCollator, TrainCollator, check_columns, generation_example,  # noqa: E402
-                          prompts_and_answers, read_rows, train_example)
+                          prompts_and_answers, read_rows_and_lines, train_example)
 from ptuning.metrics import decode, metrics_function  # noqa: E402
 
 logger = logging.getLogger("ptuning")
@@ -91,8 +91,9 @@ def load_pairs(path, data_args, limit):
         raise SystemExit(f"data file not found: {path} (for AdvertiseGen, download and unpack it into ptuning/ "
                          f"as README.md says; or pass your own --train_file/--validation_file/--test_file)")
     try:
-        rows = read_rows(path)
-        check_columns(rows, path, (data_args.prompt_column, data_args.response_column, data_args.history_column))
+        rows, lines = read_rows_and_lines(path)
+        check_columns(rows, path, (data_args.prompt_column, data_args.response_column, data_args.history_column),
+                      lines)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     pairs = prompts_and_answers(rows, data_args.prompt_column, data_args.response_column, data_args.history_column,

@@ -109,9 +109,9 @@ def wait_until_idle(server, seconds):
 # ---- upstream's POST / -------------------------------------------------------------------------------------------
 
 def test_post_root_answers_upstreams_curl_request(server, ref):
-    # exactly the README's curl: no Content-Type header of its own (curl -d sends form encoding)
+    # as the README's curl sends it (-H 'Content-Type: application/json' -d '...')
     body = '{"prompt": "你好", "history": [], "max_length": 64, "temperature": 0}'.encode()
-    r = httpx.post(server.url, content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = httpx.post(server.url, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
     data = r.json()
     assert list(data) == ["response", "history", "status", "time"]
@@ -176,7 +176,7 @@ BAD_REQUESTS = [
     ("/", {"prompt": "hi", "temperature": -0.1}, 400, "temperature"),
     ("/", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("/", {"prompt": "hi", "max_length": 0}, 400, "max_length"),
-    ("/", {"prompt": "hi", "max_length": 2049}, 400, "context of 2048"),
+    ("/", {"prompt": "hi", "max_length": 2049}, 400, "beyond the model's context (max_sequence_length 2048)"),
     ("/", {"prompt": "hi", "max_length": 2.5}, 400, "max_length"),
     ("/", {"prompt": LONG_PROMPT}, 400, "limit for prompt plus reply is 2048 tokens"),
     ("/", {"prompt": "hello world", "max_length": 4}, 400, "limit for prompt plus reply is 4 tokens"),
@@ -200,19 +200,19 @@ BAD_REQUESTS = [
                               "tools": [{"type": "function"}]}, 400, "not supported"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
      "limit for prompt plus reply is 2048 tokens"),
-    # generation controls: the library's own ranges (chatglm.chat.check_generation_args), naming the field
+    # generation controls: the library's own ranges (chatglm.validation.GenerationOptions), naming the field
     ("/", {"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),  # was a 500 from inside generation
     ("/", {"prompt": "hi", "top_k": -1}, 400, "top_k must be an integer >= 0"),
     ("/", {"prompt": "hi", "top_k": "5"}, 400, "top_k"),
     ("/", {"prompt": "hi", "top_k": 2.5}, 400, "top_k"),
-    ("/", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be > 0"),
+    ("/", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be in (0, 100]"),
     ("/", {"prompt": "hi", "repetition_penalty": "high"}, 400, "repetition_penalty"),
     ("/", {"prompt": "hi", "stop": [""]}, 400, "stop strings must not be empty"),
     ("/", {"prompt": "hi", "stop": [1]}, 400, "stop"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": -2},
-     400, "top_k must be an integer >= 0 (0 or -1 = no limit)"),
+     400, "top_k must be an integer >= 0"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                              "repetition_penalty": -1.0}, 400, "repetition_penalty must be > 0"),
+                              "repetition_penalty": -1.0}, 400, "repetition_penalty must be in (0, 100]"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
                               "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
@@ -517,13 +517,16 @@ def keyed_server(demo_model_path, tmp_path_factory):
 
 
 def test_api_key_is_required_on_every_endpoint(keyed_server):
-    calls = [("GET", "/health", None), ("GET", "/v1/models", None), ("POST", "/", {"prompt": "你好"}),
+    calls = [("GET", "/v1/models", None), ("POST", "/", {"prompt": "你好"}),
              ("POST", "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]})]
     for method, path, body in calls:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             r = httpx.request(method, keyed_server.url + path, json=body, headers=headers, timeout=30)
             assert r.status_code == 401, (method, path, headers, r.status_code)
             assert "API key" in r.json()["error"]["message"]
+            # a liveness probe needs no key, and without one learns nothing else
+            r = httpx.get(keyed_server.url + "/health", headers=headers, timeout=30)
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
     ok = httpx.post(keyed_server.url, json={"prompt": "你好", "max_length": 30},
                     headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     assert ok.status_code == 200 and ok.json()["status"] == 200

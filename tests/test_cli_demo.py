@@ -196,11 +196,13 @@ def test_repetition_penalty_top_k_and_stop_reach_the_model(demo_model_path, ref)
 @pytest.mark.parametrize("args, message", [
     (["--top-k", "-1"], "argument --top-k: top_k must be an integer >= 0"),
     (["--top-k", "2.5"], "argument --top-k: invalid int value"),
-    (["--repetition-penalty", "0"], "argument --repetition-penalty: repetition_penalty must be > 0"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: repetition_penalty must be in (0, 100]"),
+    (["--repetition-penalty", "nan"], "argument --repetition-penalty: repetition_penalty must be a finite number"),
     (["--top-p", "0"], "argument --top-p: top_p must be in (0, 1]"),
-    (["--temperature", "-1"], "argument --temperature: temperature must be >= 0"),
+    (["--temperature", "-1"], "argument --temperature: temperature must be in [0, 100]"),
     (["--max-length", "0"], "argument --max-length: must be a positive integer"),
-    (["--stop", ""], "argument --stop: takes a non-empty text"),
+    (["--stop", ""], "argument --stop: stop strings must not be empty"),
+    (["--pre-seq-len", "-3"], "argument --pre-seq-len: must be a positive integer, got -3"),
 ])
 def test_bad_generation_options_are_refused_before_loading(args, message):
     import subprocess
@@ -208,3 +210,17 @@ def test_bad_generation_options_are_refused_before_loading(args, message):
                          timeout=60, env={**os.environ, "CHATGLM_MODEL": "/nonexistent"})  # never reached
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "does not exist" not in out.stderr
+
+
+def test_input_the_model_cannot_read_gets_one_line_and_the_chat_goes_on(demo_model_path):
+    """A NUL typed or piped in, and bytes that are not UTF-8 (an encoded lone surrogate, ED A0 80): one line
+    naming the problem, or the bytes shown as U+FFFD, never a traceback; the next message is answered."""
+    import subprocess
+    piped = b"a\x00b\n\xed\xa0\x80\nhi\nstop\n"
+    out = subprocess.run([sys.executable, "cli_demo.py", "--model-path", demo_model_path, "--max-length", "40"],
+                         cwd=ROOT, input=piped, capture_output=True, timeout=120)
+    stdout, stderr = out.stdout.decode("utf-8", "replace"), out.stderr.decode("utf-8", "replace")
+    assert out.returncode == 0, stderr
+    assert "not sent: the message contains a NUL character at character 1" in stdout
+    assert stdout.count("ChatGLM-6B：") == 2  # the U+FFFD line and "hi" are answered
+    assert "Traceback" not in stdout + stderr

@@ -33,7 +33,7 @@ def test_defaults_are_upstreams_and_validate():
     ("repetition_penalty", math.nan), ("temperature", math.inf), ("top_p", 0), ("seed", MAX_SEED + 1),
     ("seed", -1), ("max_length", 2049), ("max_length", True), ("top_k", 1.5), ("logit_bias", {"²": 1}),
     ("logit_bias", {"5": math.nan}), ("logit_bias", {"99999": 1}), ("stop", [""]), ("stop", ["a\ud800"]),
-    ("temperature", "0.5"),
+    ("temperature", "0.5"), ("stop", ["x" * 501]), ("logit_bias", {str(i): 1 for i in range(301)}),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(InputError) as e:
@@ -46,3 +46,10 @@ def test_build_normalises_stop_and_bias_and_none_means_default():
     assert o.stop == ("\n",) and o.logit_bias == ((7, 2.0),) and o.top_k == 50
     with pytest.raises(InputError, match="unknown"):
         GenerationOptions.build(nonsense=1)
+
+
+def test_a_history_far_beyond_any_context_is_refused_by_its_length():
+    from chatglm.validation import MAX_HISTORY_TURNS
+    assert len(check_history([["q", "a"]] * MAX_HISTORY_TURNS)) == MAX_HISTORY_TURNS
+    with pytest.raises(InputError, match=f"history has {MAX_HISTORY_TURNS + 1} entries; at most {MAX_HISTORY_TURNS}"):
+        check_history([["q", "a"]] * (MAX_HISTORY_TURNS + 1))

@@ -33,16 +33,32 @@ LONG_Q = "hello"
 # rendering, no browser needed
 
 def test_model_html_is_shown_as_text_not_markup():
-    out = web_common.to_safe_markdown('<img src=x onerror="alert(1)"> & <script>x()</script> **bold**')
-    assert "<" not in out
-    assert out == '&lt;img src=x onerror="alert(1)"> &amp; &lt;script>x()&lt;/script> **bold**'
+    out = web_common.render_reply('<img src=x onerror="alert(1)"> & <script>x()</script> **bold**')
+    assert out == ('<p>&lt;img src=x onerror=&quot;alert(1)&quot;&gt; &amp; &lt;script&gt;x()&lt;/script&gt; '
+                   '<strong>bold</strong></p>')
 
 
-def test_code_keeps_its_text_and_an_open_fence_is_closed():
+def test_code_keeps_its_text_and_an_open_fence_runs_to_the_end():
     text = "see `a<b>` and\n```html\n<div>&amp;</div>\n```\n<i>after</i>\n~~~\nstill <code>"
-    out = web_common.to_safe_markdown(text)
-    assert out == ("see `a<b>` and\n```html\n<div>&amp;</div>\n```\n&lt;i>after&lt;/i>\n~~~\nstill <code>"
-                   "\n~~~")
+    out = web_common.render_reply(text)
+    assert out == ('<p>see <code>a&lt;b&gt;</code> and</p>&#10;<pre><code class="language-html">&lt;div&gt;&amp;amp;'
+                   '&lt;/div&gt;&#10;</code></pre>&#10;<p>&lt;i&gt;after&lt;/i&gt;</p>&#10;<pre><code>still '
+                   '&lt;code&gt;</code></pre>')
+    assert "\n" not in out  # one line: Gradio's Markdown pass keeps it as one HTML block
+
+
+def test_what_the_user_typed_is_shown_as_typed():
+    assert web_common.render_typed("**a** <b>\n  c") == '<p class="typed">**a** &lt;b&gt;&#10;  c</p>'
+
+
+def test_web_pages_warn_when_exposed_without_a_login():
+    def warning(*argv):
+        return web_common.exposure_warning(web_common.parse_args("x", list(argv)))
+    assert warning() == "" and warning("--auth", "a:b", "--share") == ""
+    assert "WITHOUT A LOGIN" in warning("--host", "0.0.0.0") and "--auth" in warning("--host", "0.0.0.0")
+    assert "public share link" in warning("--share")
+    with pytest.raises(SystemExit):
+        web_common.parse_args("x", ["--auth", "no-colon"])
 
 
 @pytest.mark.parametrize("text, stops", [
@@ -239,7 +255,7 @@ def test_scripts_take_the_shared_options(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for option in ("--model-path", "--quantize {4,8}", "--device", "--dtype", "--ptuning-checkpoint", "--pre-seq-len",
-                   "--host", "--port", "--share"):
+                   "--host", "--port", "--share", "--auth USER:PASSWORD"):
         assert option in out.stdout
     assert "default 127.0.0.1" in out.stdout and "default 7860" in out.stdout
 
@@ -446,16 +462,28 @@ def test_two_tabs_chat_at_once_without_mixing(server, chat_page, model):
     assert words(greedy(model, LONG_Q, max_length=2048)).startswith(shown[1][0]), f"tab 1 shows {shown}"
 
 
-def test_html_in_messages_is_displayed_not_run(server, chat_page):
+def test_html_in_messages_is_displayed_as_typed_not_run(server, chat_page):
     chat = chat_page()
-    chat.set_slider("max-length", 64)
-    chat.send('<img src=x onerror="window.pwned=1"> <b>hi</b> **bold** `<i>`')
+    chat.set_slider("max-length", 400)
+    typed = ('<img src=x onerror="window.pwned=1"> <b>hi</b> **bold** \\`<form><input type=password></form>` '
+             '<div style="position:fixed;inset:0">cover</div><style>body{display:none}</style>')
+    chat.send(typed)
     area = chat.page.locator("#transcript" if chat.old else "#chatbot")
-    area.get_by_text('<img src=x onerror="window.pwned=1"> <b>hi</b>').wait_for(timeout=10_000)
-    assert area.locator("strong", has_text="bold").count() == 1  # Markdown still renders
-    assert area.locator("code", has_text="<i>").count() == 1
-    assert area.locator("img, b").count() == 0
+    area.locator(".typed").filter(has_text="<img src=x").wait_for(timeout=10_000)
+    assert area.locator(".typed").first.inner_text() == typed  # as typed: no Markdown, no HTML
+    assert area.locator("img, form, input, .prose style, [style*=fixed]").count() == 0
+    assert area.locator(".typed *").count() == 0  # no element at all inside the user's text
     assert chat.page.evaluate("window.pwned") is None
+
+
+def test_text_the_model_cannot_read_is_refused_with_a_warning_and_kept(server, chat_page):
+    chat = chat_page()
+    # a lone surrogate, as a page script or a broken paste can put into the box (the keyboard cannot)
+    chat.page.evaluate("""() => { const box = document.querySelector('#query textarea');
+        box.value = 'a\\ud800b'; box.dispatchEvent(new Event('input', {bubbles: true})); }""")
+    chat.box.press("Enter")
+    chat.page.get_by_text("lone surrogate").first.wait_for(timeout=10_000)
+    assert chat.turns() == ([], []) and "Traceback" not in chat.page.inner_text("body")
 
 
 def test_empty_or_too_long_input_sends_nothing_and_keeps_the_text(server, chat_page):
