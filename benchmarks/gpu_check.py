@@ -75,10 +75,10 @@ def prompt(batch, config, seed):
 
 
 def step_times(model, ids, new_tokens, args):
-    """Seconds of each decode step after the prefill (greedy, decode_steps: the stream_chat loop)."""
+    """Seconds of each decode step after the prefills (greedy, through the engine: bench.decode_run)."""
+    import bench
     times, t = [], time.perf_counter()
-    for _ in model.decode_steps(ids.to(device(args)), max_new_tokens=new_tokens, do_sample=False, top_k=0,
-                                top_p=1.0, temperature=1.0):
+    for _ in bench.decode_run(model, ids, new_tokens):
         sync(args)
         times.append(time.perf_counter() - t)
         t = time.perf_counter()

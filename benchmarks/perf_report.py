@@ -230,7 +230,7 @@ def header(args, bw_start, bw_end, load_avg):
         f"write) {bw_start[0]:.1f} / {bw_end[0]:.1f} GB/s. 1-minute load average {load_avg[0]:.1f} / "
         f"{load_avg[1]:.1f} (other processes share the cores when it is above 0).",
         f"{mode}. Random weights with the real ChatGLM-6B geometry; each width in its own process; greedy decoding "
-        f"through model.decode_steps, {args.new_tokens} steps x {args.repeats} repeats, medians. Read floor = weight "
+        f"through the decode engine (chatglm/engine.py), {args.new_tokens} steps x {args.repeats} repeats, medians. Read floor = weight "
         f"bytes per token / best read bandwidth."])
 
 
