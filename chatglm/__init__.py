@@ -1,4 +1,6 @@
 """ChatGLM-6B, implemented here: config, tokenizer, model, quantization and loading of the official checkpoints."""
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
 from .chat import build_prompt, process_response
 from .configuration import ChatGLMConfig
 from .loading import DEMO_NOTICE, ModelLoadError, load_model
@@ -10,7 +12,6 @@ __all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration
 
 
 def _register_with_auto_classes():
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     try:
         AutoConfig.register("chatglm", ChatGLMConfig)
     except ValueError:  # already registered (re-import)

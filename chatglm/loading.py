@@ -3,9 +3,7 @@
 Weights stream in shard by shard onto a model built on the meta device, so no second copy of the model is ever
 made; with quantize=4|8 each weight is quantized as it arrives, so peak memory stays near the quantized size.
 """
-import json
 import os
-import pickle
 import re
 import sys
 import warnings
@@ -15,137 +13,25 @@ import torch
 from torch import nn
 
 from . import kernel_choice
+from .checkpoint import (HOW_TO_GET_WEIGHTS, ModelLoadError, check_file, read_state_dict, release_pages,  # noqa: F401
+                         resolve_model_path, weight_files)  # ModelLoadError, read_state_dict: re-exported
+from .cpu_pack import pack_for_cpu
 from .configuration import ChatGLMConfig, config_problems
+from .demo_checkpoint import ensure_demo_checkpoint
+from .modeling import ChatGLMForConditionalGeneration, PrefixEncoder, rotary_inv_freq
+from .prefix_checkpoint import load_prefix_encoder, read_ptuning_checkpoint
+from .quantization import INT8_LAYOUT, QuantizedLinear, quantize_weight
+from .quantize import replace_with_empty_quantized
 from .tokenization import VOCAB_FILE, ChatGLMTokenizer
 
-HOW_TO_GET_WEIGHTS = (
-    "Get the real weights with `git lfs install && git clone https://huggingface.co/THUDM/chatglm-6b` (or the "
-    "chatglm-6b-int4 / chatglm-6b-int8 variants) and pass that folder as --model-path or $CHATGLM_MODEL.")
 DEMO_NOTICE = (
     "NOTICE: running the built-in DEMO checkpoint (a tiny random model that writes gibberish), not ChatGLM-6B. "
     "Pass --model-path /path/to/chatglm-6b or set CHATGLM_MODEL to use real weights.")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-LFS_POINTER_PREFIX = b"version https://git-lfs"
-
-
-class ModelLoadError(RuntimeError):
-    """A model folder that cannot be loaded; the message names the file, what was expected and the fix."""
-
-
-# ---- where the files are ----------------------------------------------------------------------------------------
-
-def resolve_model_path(path: str) -> str:
-    """A local folder as is; a hub id (e.g. THUDM/chatglm-6b) through the local Hugging Face cache."""
-    path = os.path.expanduser(str(path))
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ModelLoadError(f"model path {path!r} is a file; pass the folder that holds config.json and the weights")
-    if path.count("/") == 1 and not path.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-            try:
-                return snapshot_download(path, local_files_only=True)
-            except Exception:
-                if os.environ.get("HF_HUB_OFFLINE") == "1":
-                    raise
-                return snapshot_download(path, allow_patterns=["*.json", "*.model", "*.bin", "*.safetensors"])
-        except Exception as e:
-            raise ModelLoadError(f"model {path!r} is neither a local folder nor in the Hugging Face cache and could "
-                                 f"not be downloaded ({type(e).__name__}: {e}). {HOW_TO_GET_WEIGHTS}") from e
-    raise ModelLoadError(f"model folder {path!r} does not exist. {HOW_TO_GET_WEIGHTS}")
-
-
-def _check_file(path: str, what: str):
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"{path} is missing ({what}). The download is incomplete: fetch the file again. "
-                             f"{HOW_TO_GET_WEIGHTS}")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(LFS_POINTER_PREFIX):
-        raise ModelLoadError(f"{path} is a git-lfs pointer ({os.path.getsize(path)} bytes), not the {what}: the "
-                             f"large files were not downloaded. Run `git lfs install && git lfs pull` in the model "
-                             f"folder, or download the file by hand.")
-    if os.path.getsize(path) == 0:
-        raise ModelLoadError(f"{path} is empty; expected the {what}. Download it again.")
-
-
-def weight_files(folder: str):
-    """The checkpoint's weight files, in order: from the index json if there is one, else the single file."""
-    for index in WEIGHT_INDEXES:
-        index_path = os.path.join(folder, index)
-        if os.path.isfile(index_path):
-            _check_file(index_path, "weight index")
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise ModelLoadError(f"{index_path} is not a valid weight index ({e}); download it again") from e
-            paths = [os.path.join(folder, s) for s in shards]
-            for p in paths:
-                _check_file(p, f"weight shard listed in {index}")
-            return paths
-    for name in WEIGHT_FILES:
-        p = os.path.join(folder, name)
-        if os.path.exists(p):
-            _check_file(p, "model weights")
-            return [p]
-    raise ModelLoadError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_INDEXES + WEIGHT_FILES)}. "
-                         f"{HOW_TO_GET_WEIGHTS}")
-
-
-def read_state_dict(path: str):
-    """Tensors of one weight file; never unpickles arbitrary objects."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip torch.save file
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise _unreadable(path, e) from e
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise ModelLoadError(
-            f"{path} is UNSAFE: besides tensors it holds Python objects ({found.group(1) if found else 'unknown'}) "
-            f"that would run code when loaded, so it was not loaded. Official weights never do this: download "
-            f"them again from a source you trust (prefer .safetensors files).") from None
-    except Exception as e:
-        raise _unreadable(path, e) from e
-
-
-def _unreadable(path: str, e: Exception) -> ModelLoadError:
-    return ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {str(e)[:300]}). The file is "
-                          f"probably truncated or corrupt ({os.path.getsize(path)} bytes): download it again.")
-
-
-def release_pages(t: torch.Tensor):
-    """Tell Linux we are done with a tensor read from a memory-mapped checkpoint, so its file pages leave our
-    resident memory now rather than when the whole shard is closed (it keeps quantize-while-loading's peak near
-    the quantized size). A no-op elsewhere, and for tensors not backed by a file mapping."""
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
-        return
-    try:
-        import ctypes
-        import mmap
-        libc = ctypes.CDLL(None, use_errno=True)
-        page = mmap.PAGESIZE
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-        if last > first:
-            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-    except (OSError, AttributeError):
-        pass
 
 
 def load_config(folder: str, **overrides) -> ChatGLMConfig:
     p = os.path.join(folder, "config.json")
-    _check_file(p, "model config")
+    check_file(p, "model config")
     try:
         config = ChatGLMConfig.from_pretrained(folder, **overrides)
     except Exception as e:
@@ -241,8 +127,6 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     device_map (module name -> device or GPU index, e.g. utils.auto_configure_device_map) places each weight
     straight on its device as it is read, so a model split over several GPUs never exists whole in CPU memory.
     """
-    from .modeling import ChatGLMForConditionalGeneration, PrefixEncoder, rotary_inv_freq
-
     folder = resolve_model_path(path)
     config = config if config is not None else load_config(folder)
     if device_map:
@@ -269,7 +153,6 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # pre-quantized checkpoints: empty quantized layers
     if quantize_bits:
-        from .quantization import replace_with_empty_quantized
         replace_with_empty_quantized(model, quantize_bits, embeddings=quantize_embeddings or None)
     quantized_embeddings = bool(getattr(model.config, "quantization_embeddings", False))
     # lm_head shares the embedding's tensors (tied, or the same quantized ones): never loaded on its own
@@ -293,7 +176,6 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
                 continue  # recomputed / tied to the embedding / not ours (reported below if it matters)
             target = targets[key]
             if quantize_bits and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
-                from .quantization import quantize_weight
                 q, scale = quantize_weight(t, quantize_bits)
                 _assign(model, key, q.to(device_of(key)))
                 _assign(model, key + "_scale", scale.to(device=device_of(key), dtype=scale_dtype))
@@ -339,17 +221,18 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
         model.config.quantization_bit = quantize
     packs = dtype in (torch.bfloat16, torch.float32) and device.type == "cpu"
     if packs and not device_map and config.pre_seq_len is None and kernel_choice.dense_layout(dtype) == "onednn":
-        from .cpu_pack import pack_for_cpu
         pack_for_cpu(model, release_dense=True)
     if dtype == torch.bfloat16 and device.type == "cpu" and getattr(config, "quantization_bit", 0):
         # repack quantized weights for the CPU kernel now (in place), not as a stall on the first reply (~3 s for 6B)
-        from .quantization import INT8_LAYOUT, QuantizedLinear
         for m in model.modules():
             if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):
                 m._prepare_cpu_kernel()
     model.name_or_path = str(path)
     model.config._name_or_path = str(path)
     return model.eval()
+
+
+ChatGLMForConditionalGeneration.load_weights = staticmethod(load_weights)  # its from_pretrained()
 
 
 def _share_quantized_embedding(model, head_in_file: dict, folder: str, dtype, device):
@@ -366,35 +249,6 @@ def _share_quantized_embedding(model, head_in_file: dict, folder: str, dtype, de
                                  f"config.json and weights of one model download.")
 
 
-# ---- P-Tuning -----------------------------------------------------------------------------------------------------
-
-def read_ptuning_checkpoint(folder: str):
-    """(pre_seq_len, prefix_projection, tensors) of a P-Tuning v2 checkpoint folder."""
-    if not os.path.isdir(folder):
-        raise ModelLoadError(f"P-Tuning checkpoint {folder!r} does not exist (expected a folder with config.json and "
-                             f"pytorch_model.bin or model.safetensors, e.g. output/adgen-chatglm-6b-pt-128-2e-2/"
-                             f"checkpoint-3000)")
-    cfg, cfg_path = {}, os.path.join(folder, "config.json")
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise ModelLoadError(f"{cfg_path} is not a valid P-Tuning config ({e}); it should be the config.json "
-                                 f"saved with the checkpoint") from None
-        if not isinstance(cfg, dict):
-            raise ModelLoadError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
-    tensors = {}
-    for f in weight_files(folder):
-        for k, v in read_state_dict(f).items():
-            if k.startswith("transformer.prefix_encoder."):
-                tensors[k[len("transformer.prefix_encoder."):]] = v
-    if not tensors:
-        raise ModelLoadError(f"{folder} holds no transformer.prefix_encoder.* weights: it is not a P-Tuning v2 "
-                             f"checkpoint")
-    return cfg.get("pre_seq_len"), cfg.get("prefix_projection", False), tensors
-
-
 # ---- the one function every script uses -------------------------------------------------------------------------
 
 def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=None, pre_seq_len=None,
@@ -408,13 +262,12 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
     if path is None:
         path = os.environ.get("CHATGLM_MODEL") or None
     if path is None:
-        from .demo_checkpoint import ensure_demo_checkpoint
         path, is_demo = ensure_demo_checkpoint(), True
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
     if quantize is not None and quantize not in (4, 8):
         raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
     folder = resolve_model_path(path)
-    _check_file(os.path.join(folder, VOCAB_FILE), "SentencePiece tokenizer model")
+    check_file(os.path.join(folder, VOCAB_FILE), "SentencePiece tokenizer model")
     tokenizer = ChatGLMTokenizer.from_pretrained(folder)
     config = load_config(folder)
     prefix = None
@@ -436,7 +289,6 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
     model = load_weights(folder, dtype=dtype, device=device, config=config, quantize=quantize, device_map=device_map,
                          quantize_embeddings=quantize_embeddings)
     if prefix is not None:
-        from .ptuning import load_prefix_encoder
         load_prefix_encoder(model, prefix, source=ptuning_checkpoint)
     # also when the demo folder is named explicitly: its config carries a marker
     model.is_demo = is_demo or bool(getattr(config, "chatglm_demo_version", None))
