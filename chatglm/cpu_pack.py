@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import release_pages
+from .quantization import INT8_LAYOUT, QuantizedLinear
 
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -310,6 +311,19 @@ def pack_for_cpu(model: nn.Module, release_dense: bool = False) -> nn.Module:
         if packed is not None:
             model.transformer.word_embeddings, model.lm_head = packed, PackedTiedHead(packed)
     model.unpack_cpu_layers = unpack  # the model's train() and quantize() undo the packing through this
+    return model
+
+
+
+def prepare_for_cpu(model: nn.Module, dtype: torch.dtype, pack_dense: bool) -> nn.Module:
+    """The loader's last step on CPU: dense linears packed for oneDNN (pack_dense; the loader's own fresh model), and
+    quantized weights repacked for the CPU INT4 op now (in place), not as a stall on the first reply."""
+    if pack_dense:
+        pack_for_cpu(model, release_dense=True)
+    if dtype == torch.bfloat16 and getattr(model.config, "quantization_bit", 0):
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):
+                m.repack_for_cpu()
     return model
 
 

@@ -15,13 +15,11 @@ from torch import nn
 from . import kernel_choice
 from .checkpoint import (HOW_TO_GET_WEIGHTS, ModelLoadError, check_file, read_state_dict, release_pages,  # noqa: F401
                          resolve_model_path, weight_files)  # ModelLoadError, read_state_dict: re-exported
-from .cpu_pack import pack_for_cpu
+from .cpu_pack import PACKED_DTYPES, prepare_for_cpu
 from .configuration import ChatGLMConfig, config_problems
 from .demo_checkpoint import ensure_demo_checkpoint
 from .modeling import ChatGLMForConditionalGeneration, PrefixEncoder, rotary_inv_freq
 from .prefix_checkpoint import load_prefix_encoder, read_ptuning_checkpoint
-from .quantization import INT8_LAYOUT, QuantizedLinear, quantize_weight
-from .quantize import replace_with_empty_quantized
 from .tokenization import VOCAB_FILE, ChatGLMTokenizer
 
 DEMO_NOTICE = (
@@ -129,15 +127,34 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     """
     folder = resolve_model_path(path)
     config = config if config is not None else load_config(folder)
-    if device_map:
-        device = _as_device(device_map.get("transformer.word_embeddings", next(iter(device_map.values()))))
-    else:
-        device = torch.device(device or default_device())
-    dtype = choose_dtype(device, dtype, quantized=bool(quantize or config.quantization_bit))
-    # scales stay exact: float32 in float32 models, else float16 (the official files' dtype), never bfloat16
-    scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    stream_bits = settle_quantization(config, quantize, quantize_embeddings, folder)
+    device = main_device(device, device_map)
+    dtype = choose_dtype(device, dtype, quantized=bool(config.quantization_bit))
+    files = weight_files(folder)
+    if device.type == "cpu" and not device_map:  # this machine's fastest kernels (timed once, before any weights)
+        kernel_choice.choose(dtype, config.quantization_bit, config.hidden_size, config.inner_hidden_size)
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)  # with its quantized layer types (config.quantization_bit)
     device_of = device_lookup(device_map, device)
-    if quantize is not None and quantize not in (4, 8):
+    intake = WeightIntake(model, dtype, device_of, stream_bits)
+    for f in files:
+        for key, t in read_state_dict(f).items():
+            intake.take(key, t)
+    intake.check(folder)
+    finish_model(model, intake, folder, dtype, device_of)
+    if device.type == "cpu":
+        pack_dense = (dtype in PACKED_DTYPES and not device_map and config.pre_seq_len is None
+                      and kernel_choice.dense_layout(dtype) == "onednn")
+        prepare_for_cpu(model, dtype, pack_dense)
+    model.name_or_path = str(path)
+    model.config._name_or_path = str(path)
+    return model.eval()
+
+
+def settle_quantization(config: ChatGLMConfig, quantize, quantize_embeddings: bool, folder: str) -> Optional[int]:
+    """Checks the bits once and writes them to the config once, before the model is built from it. Returns the bits
+    that FP16 weights meeting a quantized layer are quantized to as they stream in (None: none are)."""
+    if quantize is not None and (isinstance(quantize, bool) or quantize not in (4, 8)):
         raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
     if quantize and config.quantization_bit and quantize != config.quantization_bit:
         raise ModelLoadError(f"{folder} is already quantized to {config.quantization_bit} bits; cannot re-quantize "
@@ -145,91 +162,98 @@ def load_weights(path, *, dtype=None, device=None, config: Optional[ChatGLMConfi
     if quantize_embeddings and not (quantize or config.quantization_bit):
         raise ValueError("quantize_embeddings needs quantize=4 or 8 (the embedding is quantized like the block "
                          "linears) or a pre-quantized checkpoint")
-    # bits for the FP16 weights of the file that land in quantized layers (quantized as they stream in)
-    quantize_bits = quantize or (config.quantization_bit if quantize_embeddings else None)
-    files = weight_files(folder)
-    if device.type == "cpu" and not device_map:  # this machine's fastest kernels (timed once, before any weights)
-        kernel_choice.choose(dtype, quantize or config.quantization_bit, config.hidden_size, config.inner_hidden_size)
-    with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)  # pre-quantized checkpoints: empty quantized layers
-    if quantize_bits:
-        replace_with_empty_quantized(model, quantize_bits, embeddings=quantize_embeddings or None)
-    quantized_embeddings = bool(getattr(model.config, "quantization_embeddings", False))
-    # lm_head shares the embedding's tensors (tied, or the same quantized ones): never loaded on its own
-    expected = {k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq") and not k.startswith("lm_head.")}
-    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    loaded, shapes_wrong, quantized_head, file_layers = set(), [], {}, set()
-    for f in files:
-        sd = read_state_dict(f)
-        for key, t in sd.items():
-            layer = re.match(r"transformer\.layers\.(\d+)\.", key)
-            if layer:
-                file_layers.add(int(layer.group(1)))
-            if key.startswith("lm_head.") and (t.dtype == torch.int8 or key.endswith("_scale")):
-                quantized_head[key] = t  # an int4-qe file's copy of the embedding's tensors: compared below
-                continue
-            if key == "transformer.word_embeddings.weight_scale" and not quantized_embeddings:
-                shapes_wrong.append(f"{key}: the file's embedding is quantized, but config.json does not say "
-                                    f"quantization_embeddings: true")
-                continue
-            if key.endswith("rotary_emb.inv_freq") or key.startswith("lm_head.") or key not in expected:
-                continue  # recomputed / tied to the embedding / not ours (reported below if it matters)
-            target = targets[key]
-            if quantize_bits and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
-                q, scale = quantize_weight(t, quantize_bits)
-                _assign(model, key, q.to(device_of(key)))
-                _assign(model, key + "_scale", scale.to(device=device_of(key), dtype=scale_dtype))
-                loaded.update({key, key + "_scale"})
-                release_pages(t)
-                continue
-            if tuple(t.shape) != tuple(target.shape) or t.is_floating_point() != target.is_floating_point():
-                file_kind = "int8 (quantized)" if t.dtype == torch.int8 else str(t.dtype).replace("torch.", "")
-                model_kind = "int8 (quantized)" if target.dtype == torch.int8 else "floating point"
-                shapes_wrong.append(f"{key}: file {tuple(t.shape)} {file_kind}, model {tuple(target.shape)} "
-                                    f"{model_kind}")
-                continue
-            target_dtype = scale_dtype if key.endswith(".weight_scale") else dtype
-            source = t
-            t = t.to(device=device_of(key), dtype=target_dtype if t.is_floating_point() else t.dtype)
-            _assign(model, key, t)
-            loaded.add(key)
-            if t.data_ptr() != source.data_ptr():  # converted or moved: the model keeps no view of the file
-                release_pages(source)
-        del sd
-    if file_layers and len(file_layers) != config.num_layers:
-        raise ModelLoadError(f"the weights in {folder} have {len(file_layers)} layers, but "
-                             f"{os.path.join(folder, 'config.json')} says num_layers {config.num_layers}: use the "
-                             f"config.json that came with these weights")
-    if shapes_wrong:
-        raise ModelLoadError(f"weights in {folder} do not fit its config.json ({os.path.join(folder, 'config.json')})"
-                             f": {'; '.join(shapes_wrong[:5])}. Use the config.json that came with these weights.")
-    missing = expected - loaded
-    prefix_missing = {k for k in missing if k.startswith("transformer.prefix_encoder.")}
-    if missing - prefix_missing:
-        names = sorted(missing - prefix_missing)
-        raise ModelLoadError(f"{len(names)} weights are missing from {folder} (e.g. {', '.join(names[:3])}); the "
-                             f"checkpoint is incomplete or not ChatGLM-6B. {HOW_TO_GET_WEIGHTS}")
-    if prefix_missing:  # a new P-Tuning model: the prefix encoder starts from a fresh (fp32) initialisation
-        model.transformer.prefix_encoder = PrefixEncoder(config).to(device_of("transformer.prefix_encoder"))
-    if quantized_embeddings:
-        _share_quantized_embedding(model, quantized_head, folder, dtype, device_of("transformer.word_embeddings"))
+    stream_bits = quantize or (config.quantization_bit if quantize_embeddings else None)
+    config.quantization_bit = quantize or config.quantization_bit
+    if quantize_embeddings:
+        config.quantization_embeddings = True
+    return stream_bits
+
+
+def main_device(device, device_map: Optional[dict]) -> torch.device:
+    """Where the embedding goes (and everything, without a device_map)."""
+    if device_map:
+        return _as_device(device_map.get("transformer.word_embeddings", next(iter(device_map.values()))))
+    return torch.device(device or default_device())
+
+
+class WeightIntake:
+    """Streams one checkpoint's tensors into a model built on the meta device, one tensor at a time, and collects
+    what does not fit. Quantized layers quantize the FP16 weights they are given themselves."""
+
+    def __init__(self, model, dtype: torch.dtype, device_of, stream_bits: Optional[int]):
+        self.model, self.dtype, self.device_of, self.stream_bits = model, dtype, device_of, stream_bits
+        # scales stay exact: float32 in float32 models, else float16 (the official files' dtype), never bfloat16
+        self.scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+        self.quantized_embeddings = bool(getattr(model.config, "quantization_embeddings", False))
+        # lm_head shares the embedding's tensors (tied, or the same quantized ones): never loaded on its own
+        self.expected = {k for k in model.state_dict()
+                         if not k.endswith("rotary_emb.inv_freq") and not k.startswith("lm_head.")}
+        self.targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        self.loaded, self.shapes_wrong, self.quantized_head, self.file_layers = set(), [], {}, set()
+
+    def take(self, key: str, t: torch.Tensor):
+        layer = re.match(r"transformer\.layers\.(\d+)\.", key)
+        if layer:
+            self.file_layers.add(int(layer.group(1)))
+        if key.startswith("lm_head.") and (t.dtype == torch.int8 or key.endswith("_scale")):
+            self.quantized_head[key] = t  # an int4-qe file's copy of the embedding's tensors: compared later
+            return
+        if key == "transformer.word_embeddings.weight_scale" and not self.quantized_embeddings:
+            self.shapes_wrong.append(f"{key}: the file's embedding is quantized, but config.json does not say "
+                                     f"quantization_embeddings: true")
+            return
+        if key.endswith("rotary_emb.inv_freq") or key.startswith("lm_head.") or key not in self.expected:
+            return  # recomputed / tied to the embedding / not ours (reported by check() if it matters)
+        target = self.targets[key]
+        if self.stream_bits and t.is_floating_point() and target.dtype == torch.int8 and key.endswith(".weight"):
+            self.model.get_submodule(key[:-len(".weight")]).load_float_weight(t, self.device_of(key),
+                                                                                self.scale_dtype)
+            self.loaded.update({key, key + "_scale"})
+            release_pages(t)
+            return
+        if tuple(t.shape) != tuple(target.shape) or t.is_floating_point() != target.is_floating_point():
+            file_kind = "int8 (quantized)" if t.dtype == torch.int8 else str(t.dtype).replace("torch.", "")
+            model_kind = "int8 (quantized)" if target.dtype == torch.int8 else "floating point"
+            self.shapes_wrong.append(f"{key}: file {tuple(t.shape)} {file_kind}, model {tuple(target.shape)} "
+                                     f"{model_kind}")
+            return
+        target_dtype = self.scale_dtype if key.endswith(".weight_scale") else self.dtype
+        placed = t.to(device=self.device_of(key), dtype=target_dtype if t.is_floating_point() else t.dtype)
+        _assign(self.model, key, placed)
+        self.loaded.add(key)
+        if placed.data_ptr() != t.data_ptr():  # converted or moved: the model keeps no view of the file
+            release_pages(t)
+
+    def check(self, folder: str):
+        """ModelLoadError for a checkpoint that does not fit the config (a prefix encoder may be missing)."""
+        config, config_path = self.model.config, os.path.join(folder, "config.json")
+        if self.file_layers and len(self.file_layers) != config.num_layers:
+            raise ModelLoadError(f"the weights in {folder} have {len(self.file_layers)} layers, but {config_path} "
+                                 f"says num_layers {config.num_layers}: use the config.json that came with these "
+                                 f"weights")
+        if self.shapes_wrong:
+            raise ModelLoadError(f"weights in {folder} do not fit its config.json ({config_path}): "
+                                 f"{'; '.join(self.shapes_wrong[:5])}. Use the config.json that came with these "
+                                 f"weights.")
+        missing = sorted(k for k in self.expected - self.loaded if not k.startswith("transformer.prefix_encoder."))
+        if missing:
+            raise ModelLoadError(f"{len(missing)} weights are missing from {folder} (e.g. {', '.join(missing[:3])}); "
+                                 f"the checkpoint is incomplete or not ChatGLM-6B. {HOW_TO_GET_WEIGHTS}")
+
+    def prefix_missing(self) -> bool:
+        return any(k.startswith("transformer.prefix_encoder.") for k in self.expected - self.loaded)
+
+
+def finish_model(model, intake: WeightIntake, folder: str, dtype, device_of):
+    """What the file does not hold: a fresh prefix encoder, lm_head sharing the embedding, the rotary tables."""
+    if intake.prefix_missing():  # a new P-Tuning model: the prefix encoder starts from a fresh (fp32) initialisation
+        model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device_of("transformer.prefix_encoder"))
+    if intake.quantized_embeddings:
+        _share_quantized_embedding(model, intake.quantized_head, folder, dtype, device_of("transformer.word_embeddings"))
     for i, layer in enumerate(model.transformer.layers):
         rot = layer.attention.rotary_emb
         rot.inv_freq = rotary_inv_freq(rot.dim).half().to(device_of(f"transformer.layers.{i}"))
     model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as in the original
-    if quantize:
-        model.config.quantization_bit = quantize
-    packs = dtype in (torch.bfloat16, torch.float32) and device.type == "cpu"
-    if packs and not device_map and config.pre_seq_len is None and kernel_choice.dense_layout(dtype) == "onednn":
-        pack_for_cpu(model, release_dense=True)
-    if dtype == torch.bfloat16 and device.type == "cpu" and getattr(config, "quantization_bit", 0):
-        # repack quantized weights for the CPU kernel now (in place), not as a stall on the first reply (~3 s for 6B)
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):
-                m._prepare_cpu_kernel()
-    model.name_or_path = str(path)
-    model.config._name_or_path = str(path)
-    return model.eval()
 
 
 ChatGLMForConditionalGeneration.load_weights = staticmethod(load_weights)  # its from_pretrained()
@@ -264,8 +288,6 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
     if path is None:
         path, is_demo = ensure_demo_checkpoint(), True
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
-    if quantize is not None and quantize not in (4, 8):
-        raise ValueError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
     folder = resolve_model_path(path)
     check_file(os.path.join(folder, VOCAB_FILE), "SentencePiece tokenizer model")
     tokenizer = ChatGLMTokenizer.from_pretrained(folder)

@@ -94,7 +94,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).view(packed.shape[0], -1)
 
 
-def _stamp(t: torch.Tensor):
+def version_key(t: torch.Tensor):
     """What changes when a tensor's contents are written or replaced (inference tensors have no version)."""
     try:
         return t._version, t.data_ptr()
@@ -147,8 +147,8 @@ class QuantizedLinear(nn.Module):
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=scale_dtype),
                                          requires_grad=False)
-        self._repacked_as = None  # (Parameter, _stamp) of a weight repacked for the CPU INT4 op
-        self._cast = None  # see _call_state
+        self._repacked_as = None  # (Parameter, version_key) of a weight repacked for the CPU INT4 op
+        self._operands_cache = None  # see _operands
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
@@ -162,6 +162,12 @@ class QuantizedLinear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
 
+    def load_float_weight(self, weight: torch.Tensor, device, scale_dtype: torch.dtype):
+        """Quantize a floating-point [out, in] weight into this layer (a checkpoint loaded with quantize=4|8)."""
+        q, scale = quantize_weight(weight, self.bits)
+        self.weight = nn.Parameter(q.to(device), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.to(device=device, dtype=scale_dtype), requires_grad=False)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"bias={self.bias is not None}")
@@ -169,7 +175,7 @@ class QuantizedLinear(nn.Module):
     # -- official <-> CPU-kernel layout --
     def _repacked(self) -> bool:
         r, w = self._repacked_as, self.weight
-        return r is not None and r[0] is w and r[1] == _stamp(w)
+        return r is not None and r[0] is w and r[1] == version_key(w)
 
     def _nibble_columns(self) -> int:
         return self.in_features if self.bits == 4 else 2 * self.in_features
@@ -205,7 +211,7 @@ class QuantizedLinear(nn.Module):
                 self.weight.data = self.int_weight()
         self._repacked_as = None
 
-    def _prepare_cpu_kernel(self) -> bool:
+    def repack_for_cpu(self) -> bool:
         """Repack the weight for the CPU INT4 op: once, into a tensor of the same size (plus any padding rows) that
         replaces the official one, so memory does not grow. False where this machine or this shape does not allow
         it."""
@@ -227,12 +233,12 @@ class QuantizedLinear(nn.Module):
                     part = torch.cat([part, part.new_zeros(missing, part.shape[1])])
                 pack_blocks(part, self.bits, *layout, out=packed[start:start + part.shape[0]])
             w.data = packed
-        self._repacked_as = (w, _stamp(w))
+        self._repacked_as = (w, version_key(w))
         return True
 
     def _apply(self, fn, recurse=True):
         self._restore_official_layout()  # moves and casts see (and keep) the official format
-        self._cast = None
+        self._operands_cache = None
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -242,7 +248,7 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._restore_official_layout()
-        self._cast = None
+        self._operands_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- compute --
@@ -286,14 +292,14 @@ class QuantizedLinear(nn.Module):
         rows = q.to(dtype) * self.weight_scale[flat].to(dtype)[:, None]
         return rows.view(*ids.shape, self.in_features)
 
-    def _call_state(self, dtype: torch.dtype):
+    def _operands(self, dtype: torch.dtype):
         """(repacked, weight_scale and bias in `dtype`, the INT4 op's table and group size if repacked) for activations
         of `dtype`. Cached, because converting the scales and looking things up on every call cost more than a small
         layer's matrix-vector product; rebuilt when weight, weight_scale or bias are replaced, written or repacked."""
         params = self._parameters
         w, s, b = params["weight"], params["weight_scale"], params["bias"]
-        ws, ss, bs = _stamp(w), _stamp(s), None if b is None else _stamp(b)
-        c = self._cast
+        ws, ss, bs = version_key(w), version_key(s), None if b is None else version_key(b)
+        c = self._operands_cache
         if (c is not None and c[0] is dtype and c[1] is w and c[2] == ws and c[3] is s and c[4] == ss and c[5] is b
                 and c[6] == bs):
             return c[7]
@@ -305,7 +311,7 @@ class QuantizedLinear(nn.Module):
             table = tables(self.in_features, w.shape[0], group, dtype)
         with torch.inference_mode(False), torch.no_grad():
             state = (repacked, s.detach().to(dtype), None if b is None else b.detach().to(dtype), table, group)
-        self._cast = (dtype, w, ws, s, ss, b, bs, state)
+        self._operands_cache = (dtype, w, ws, s, ss, b, bs, state)
         return state
 
     def _fused_cpu(self, x2d: torch.Tensor, with_bias: bool) -> Optional[torch.Tensor]:
@@ -313,15 +319,15 @@ class QuantizedLinear(nn.Module):
         dtype, n = x2d.dtype, x2d.shape[0]
         if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
             return None
-        state = self._call_state(dtype)
+        state = self._operands(dtype)
         if state[0]:  # repacked for the INT4 op
             return self._int4_op(x2d, with_bias, state)
         # INT4 repacks on its first fused call; INT8 in the "nibble" layout on a one-row call or where the INT8 op is
         # missing (by default never for float32, which keeps its INT8 op and so the original's numbers)
         nibble = INT8_LAYOUT.get(dtype) == "nibble" and (n <= INT8_AS_INT4_REPACK_ROWS or not cpu_int8_fused_ok())
         if self.bits == 4 or nibble:
-            if self._prepare_cpu_kernel():
-                return self._int4_op(x2d, with_bias, self._call_state(dtype))
+            if self.repack_for_cpu():
+                return self._int4_op(x2d, with_bias, self._operands(dtype))
         if self.bits == 8 and cpu_int8_fused_ok():
             _, scale, bias, _, _ = state
             y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self._parameters["weight"], scale)
@@ -354,7 +360,7 @@ class QuantizedLinear(nn.Module):
         # row-major weights. bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
         # could overflow on the unscaled sums.
         columns = self._repacked() and dtype == torch.bfloat16
-        scale = self._call_state(dtype)[1] if columns else None
+        scale = self._operands(dtype)[1] if columns else None
         rows = DEQUANT_CHUNK_ELEMENTS // self.in_features // 64 * 64
         if x2d.device.type != "cpu" or rows == 0 or rows >= self.out_features:
             if columns:
@@ -365,7 +371,7 @@ class QuantizedLinear(nn.Module):
         y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
         buffer = torch.empty(self.in_features * rows, dtype=dtype)
         if dtype == torch.bfloat16 and scale is None:
-            scale = self._call_state(dtype)[1]
+            scale = self._operands(dtype)[1]
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             if columns:
@@ -387,7 +393,7 @@ class QuantizedLinear(nn.Module):
                 return y
         y = self._dequantized_matmul(x2d)
         if with_bias and self.bias is not None:
-            y = y.add_(self._call_state(y.dtype)[2])
+            y = y.add_(self._operands(y.dtype)[2])
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
