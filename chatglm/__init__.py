@@ -1,7 +1,7 @@
 """ChatGLM-6B, implemented here: config, tokenizer, model, quantization and loading of the official checkpoints."""
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .chat import build_prompt, process_response
+from .text import build_prompt, process_response
 from .configuration import ChatGLMConfig
 from .loading import DEMO_NOTICE, ModelLoadError, load_model
 from .modeling import ChatGLMForConditionalGeneration, ChatGLMModel

@@ -6,8 +6,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .sampling import guard_invalid
-from .text import (History, build_prompt, cut_at_stop, process_response, stop_strings,  # noqa: F401 (re-exported)
-                   without_stop_prefix)
+from .text import build_prompt, process_response, stop_strings
 from .validation import GenerationOptions
 
 OPTION_NAMES = {f.name for f in fields(GenerationOptions)}

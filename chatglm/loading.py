@@ -273,6 +273,24 @@ def _share_quantized_embedding(model, head_in_file: dict, folder: str, dtype, de
                                  f"config.json and weights of one model download.")
 
 
+def set_prefix_config(config: ChatGLMConfig, ptuning_checkpoint, pre_seq_len, prefix_projection):
+    """P-Tuning v2: the prefix length and projection written into the config (from the checkpoint's config.json
+    unless given); returns the checkpoint's prefix-encoder tensors (None without a checkpoint)."""
+    if ptuning_checkpoint:
+        ck_len, ck_proj, prefix = read_ptuning_checkpoint(ptuning_checkpoint)
+        config.pre_seq_len = pre_seq_len or ck_len
+        config.prefix_projection = ck_proj if prefix_projection is None else prefix_projection
+        if config.pre_seq_len is None:
+            raise ModelLoadError(f"{ptuning_checkpoint}/config.json does not say pre_seq_len; pass --pre-seq-len")
+        check_config(config, "--pre-seq-len" if pre_seq_len else os.path.join(ptuning_checkpoint, "config.json"))
+        return prefix
+    if pre_seq_len:  # 0 or None: no prefix
+        config.pre_seq_len = pre_seq_len
+        config.prefix_projection = bool(prefix_projection)
+        check_config(config, "--pre-seq-len")
+    return None
+
+
 # ---- the one function every script uses -------------------------------------------------------------------------
 
 def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=None, pre_seq_len=None,
@@ -292,18 +310,7 @@ def load_model(path: Optional[str] = None, *, device=None, dtype=None, quantize=
     check_file(os.path.join(folder, VOCAB_FILE), "SentencePiece tokenizer model")
     tokenizer = ChatGLMTokenizer.from_pretrained(folder)
     config = load_config(folder)
-    prefix = None
-    if ptuning_checkpoint:
-        ck_len, ck_proj, prefix = read_ptuning_checkpoint(ptuning_checkpoint)
-        config.pre_seq_len = pre_seq_len or ck_len
-        config.prefix_projection = ck_proj if prefix_projection is None else prefix_projection
-        if config.pre_seq_len is None:
-            raise ModelLoadError(f"{ptuning_checkpoint}/config.json does not say pre_seq_len; pass --pre-seq-len")
-        check_config(config, "--pre-seq-len" if pre_seq_len else os.path.join(ptuning_checkpoint, "config.json"))
-    elif pre_seq_len:  # 0 or None: no prefix
-        config.pre_seq_len = pre_seq_len
-        config.prefix_projection = bool(prefix_projection)
-        check_config(config, "--pre-seq-len")
+    prefix = set_prefix_config(config, ptuning_checkpoint, pre_seq_len, prefix_projection)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelLoadError(f"{os.path.join(folder, VOCAB_FILE)} has {tokenizer.vocab_size} pieces but "
                              f"config.json's vocab_size is {config.vocab_size}: tokenizer and weights do not belong "
