@@ -1,10 +1,8 @@
 """bfloat16 and float32 linears on CPU with their weights prepacked for oneDNN.
 
-Decoding reads every weight once per token. On the 2-core AVX-512 machine this project is measured on, a
-16384x4096 bfloat16 GEMV reads 22 GB/s through F.linear but 64 GB/s through oneDNN with the weight reordered into
-its blocked layout once, at load time (same results, bit for bit: F.linear runs the same oneDNN arithmetic). In
-float32, F.linear goes to MKL at ~24 GB/s and packed oneDNN reads ~49 GB/s; the sums are then ordered differently,
-so results differ in the last bits (~1e-6 relative; the original's own 1- vs 2-thread runs differ more).
+Decoding reads every weight once per token, and oneDNN reads a weight reordered once into its blocked layout
+much faster than F.linear reads the dense one (benchmarks/README.md, "Why the CPU kernels look as they do"). bfloat16
+results are the same bit for bit; float32 sums are ordered differently (last-bit differences, ~1e-6 relative).
 The packed weight replaces the dense one (no second copy); state dicts still hold the official dense `weight`, and
 moving or casting the model unpacks it. The word embedding, which lm_head shares, is packed too
 (PackedTiedEmbedding): lm_head reads 1.07 GB per token in bf16, 2.1 GB in fp32.
@@ -112,9 +110,8 @@ class PackedLinear(nn.Module):
 
 
 # ---- the tied embedding / lm_head matrix --------------------------------------------------------------------------
-# lm_head reads the whole [vocab, hidden] matrix every token (1.07 GB for ChatGLM-6B in bf16); packed, that GEMV runs
-# at ~50 GB/s instead of ~33 in bf16 (fp32 gains more). The embedding shares the matrix, and a lookup needs rows,
-# which an opaque oneDNN tensor does not give out. So we read rows straight from the packed buffer: for inner
+# lm_head reads the whole [vocab, hidden] matrix every token, so it is worth packing too. The embedding shares the
+# matrix, and a lookup needs rows, which an opaque oneDNN tensor does not give out. So we read rows straight from the packed buffer: for inner
 # products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with AVX-512; k = 2 in bf16, 1 in
 # fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with the dense original; if it
 # ever differs (another CPU or oneDNN), the head stays unpacked.

@@ -143,8 +143,8 @@ def attention(q, k, v, mask, c: float):
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask & ~dead, MASK_FILL * c)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[-2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # Decoding on CPU in 16 bits: PyTorch's fused kernel is slow for a single query (4-6x slower than this
-        # on the 2-core machine), so: scores, softmax in fp32 (as the original), weighted values. k is a view of
+        # Decoding on CPU in 16 bits: PyTorch's fused kernel is slow for a single query (benchmarks/README.md),
+        # so: scores, softmax in fp32 (as the original), weighted values. k is a view of
         # the KV cache's buffer; k @ q^T reads it in place, where q @ k^T would first copy it.
         scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float().mul_(scale)
         if bias is not None:

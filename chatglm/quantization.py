@@ -356,8 +356,8 @@ class QuantizedLinear(nn.Module):
 
     def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         dtype = x2d.dtype
-        # From a repacked weight, multiply by the transposed integers and scale the output: ~3x faster than making
-        # row-major weights. bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
+        # From a repacked weight, multiply by the transposed integers and scale the output (no row-major weight is
+        # rebuilt). bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
         # could overflow on the unscaled sums.
         columns = self._repacked() and dtype == torch.bfloat16
         scale = self._operands(dtype)[1] if columns else None
