@@ -1,7 +1,9 @@
 """load_model(): find the weights, check them, and build (tokenizer, model) on the right device and dtype.
 
-Weights stream in shard by shard onto a model built on the meta device, so no second copy of the model is ever
-made; with quantize=4|8 each weight is quantized as it arrives, so peak memory stays near the quantized size.
+load_weights' steps: read the config and settle the quantization bits (once, into the config); build the model on the
+meta device, with its quantized layer types; stream the tensors in shard by shard (quantized layers quantize FP16
+weights as they arrive, so peak memory stays near the quantized size and no second copy of the model is made); add
+what the files do not hold and tie lm_head; on CPU, prepare the weights for this machine's kernels.
 """
 import os
 import re
