@@ -16,7 +16,7 @@ from torch import nn
 
 from . import kernel_choice
 from .checkpoint import (HOW_TO_GET_WEIGHTS, ModelLoadError, check_file, read_state_dict, release_pages,  # noqa: F401
-                         resolve_model_path, weight_files)  # ModelLoadError, read_state_dict: re-exported
+                         resolve_model_path, weight_files)  # front doors still import ModelLoadError, resolve_model_path here
 from .cpu_pack import PACKED_DTYPES, prepare_for_cpu
 from .configuration import ChatGLMConfig, config_problems
 from .demo_checkpoint import ensure_demo_checkpoint
