@@ -111,10 +111,10 @@ class PackedLinear(nn.Module):
 
 # ---- the tied embedding / lm_head matrix --------------------------------------------------------------------------
 # lm_head reads the whole [vocab, hidden] matrix every token, so it is worth packing too. The embedding shares the
-# matrix, and a lookup needs rows, which an opaque oneDNN tensor does not give out. So we read rows straight from the packed buffer: for inner
-# products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with AVX-512; k = 2 in bf16, 1 in
-# fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with the dense original; if it
-# ever differs (another CPU or oneDNN), the head stays unpacked.
+# matrix, and a lookup needs rows, which an opaque oneDNN tensor does not give out. So we read rows straight from
+# the packed buffer: for inner products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with
+# AVX-512; k = 2 in bf16, 1 in fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with
+# the dense original; if it ever differs (another CPU or oneDNN), the head stays unpacked.
 HEAD_CHUNK_ROWS = 8192  # packed in chunks: while packing, only one chunk exists twice (67 MB in bf16, not 1 GB)
 _ROW_BLOCKS = (64, 32, 16)
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from . import kernel_choice
+# front doors still import ModelLoadError, resolve_model_path here
 from .checkpoint import (HOW_TO_GET_WEIGHTS, ModelLoadError, check_file, read_state_dict, release_pages,  # noqa: F401
-                         resolve_model_path, weight_files)  # front doors still import ModelLoadError, resolve_model_path here
+                         resolve_model_path, weight_files)
 from .cpu_pack import PACKED_DTYPES, prepare_for_cpu
 from .configuration import ChatGLMConfig, config_problems
 from .demo_checkpoint import ensure_demo_checkpoint
@@ -251,7 +252,8 @@ def finish_model(model, intake: WeightIntake, folder: str, dtype, device_of):
     if intake.prefix_missing():  # a new P-Tuning model: the prefix encoder starts from a fresh (fp32) initialisation
         model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device_of("transformer.prefix_encoder"))
     if intake.quantized_embeddings:
-        _share_quantized_embedding(model, intake.quantized_head, folder, dtype, device_of("transformer.word_embeddings"))
+        embedding_device = device_of("transformer.word_embeddings")
+        _share_quantized_embedding(model, intake.quantized_head, folder, dtype, embedding_device)
     for i, layer in enumerate(model.transformer.layers):
         rot = layer.attention.rotary_emb
         rot.inv_freq = rotary_inv_freq(rot.dim).half().to(device_of(f"transformer.layers.{i}"))
