@@ -1,5 +1,7 @@
 """ChatGLM-6B, implemented here: config, tokenizer, model, quantization and loading of the official checkpoints."""
-from .chat import build_prompt, process_response
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .text import build_prompt, process_response
 from .configuration import ChatGLMConfig
 from .loading import DEMO_NOTICE, ModelLoadError, load_model
 from .modeling import ChatGLMForConditionalGeneration, ChatGLMModel
@@ -10,7 +12,6 @@ __all__ = ["ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration
 
 
 def _register_with_auto_classes():
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     try:
         AutoConfig.register("chatglm", ChatGLMConfig)
     except ValueError:  # already registered (re-import)

@@ -61,26 +61,7 @@ def beam_search(self, input_ids, logits_processor, stopping_criteria, generation
         scores = logits_processor(input_ids, logprobs) + beam_scores[:, None]
         V = scores.shape[-1]
         top_scores, top_ids = torch.topk(scores.view(B, nb * V), 2 * nb, dim=1, largest=True, sorted=True)
-        next_scores = torch.zeros(B, nb, device=device)
-        next_tokens = torch.full((B, nb), pad, dtype=torch.long, device=device)
-        next_rows = torch.zeros(B, nb, dtype=torch.long, device=device)
-        cur_len = input_ids.shape[-1]
-        for b in range(B):
-            if done[b]:
-                continue
-            k = 0
-            for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
-                row, token = b * nb + flat // V, flat % V
-                if token in eos:
-                    if rank < nb:  # a finished hypothesis only counts if it ranks among the top num_beams
-                        hyps[b].add(input_ids[row].clone(), score)
-                else:
-                    next_scores[b, k], next_tokens[b, k], next_rows[b, k] = score, token, row
-                    k += 1
-                if k == nb:
-                    break
-            done[b] = done[b] or hyps[b].is_done(top_scores[b].max().item(), cur_len)
-        beam_scores, rows = next_scores.view(-1), next_rows.view(-1)
+        beam_scores, next_tokens, rows = _next_beams(input_ids, top_scores, top_ids, V, hyps, done, eos, pad)
         input_ids = torch.cat([input_ids[rows], next_tokens.view(-1, 1)], dim=-1)
         model_kwargs["cache"].reorder_cache(rows)
         if all(done) or bool(stopping_criteria(input_ids, None).all()):
@@ -90,6 +71,42 @@ def beam_search(self, input_ids, logits_processor, stopping_criteria, generation
         if not done[b]:
             for j in range(nb):
                 hyps[b].add(input_ids[b * nb + j], beam_scores[b * nb + j].item())
+    out_ids, best_scores = _best_sequences(hyps, n_return, max_length, pad, eos_ids, device)
+    if generation_config.return_dict_in_generate:
+        scores = torch.tensor(best_scores, device=device) if generation_config.output_scores else None
+        return GenerateBeamDecoderOnlyOutput(sequences=out_ids, sequences_scores=scores)
+    return out_ids
+
+
+def _next_beams(input_ids, top_scores, top_ids, V: int, hyps, done, eos: set, pad: int):
+    """(scores, tokens, source rows) of the num_beams best continuations per batch row; an <eop> among the top
+    num_beams finishes a hypothesis instead. Marks rows whose hypotheses can no longer improve as done."""
+    B, nb = len(hyps), top_ids.shape[1] // 2
+    device = input_ids.device
+    next_scores = torch.zeros(B, nb, device=device)
+    next_tokens = torch.full((B, nb), pad, dtype=torch.long, device=device)
+    next_rows = torch.zeros(B, nb, dtype=torch.long, device=device)
+    cur_len = input_ids.shape[-1]
+    for b in range(B):
+        if done[b]:
+            continue
+        k = 0
+        for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
+            row, token = b * nb + flat // V, flat % V
+            if token in eos:
+                if rank < nb:  # a finished hypothesis only counts if it ranks among the top num_beams
+                    hyps[b].add(input_ids[row].clone(), score)
+            else:
+                next_scores[b, k], next_tokens[b, k], next_rows[b, k] = score, token, row
+                k += 1
+            if k == nb:
+                break
+        done[b] = done[b] or hyps[b].is_done(top_scores[b].max().item(), cur_len)
+    return next_scores.view(-1), next_tokens, next_rows.view(-1)
+
+
+def _best_sequences(hyps, n_return: int, max_length, pad: int, eos_ids: list, device):
+    """([B * n_return, width] ids padded after an <eop>, their scores) of the best finished hypotheses."""
     best, best_scores = [], []
     for h in hyps:
         ranked = sorted(h.beams, key=lambda x: x[0])
@@ -104,7 +121,4 @@ def beam_search(self, input_ids, logits_processor, stopping_criteria, generation
         out_ids[i, :len(ids)] = ids
         if len(ids) < width:
             out_ids[i, len(ids)] = eos_ids[0] if eos_ids else pad
-    if generation_config.return_dict_in_generate:
-        scores = torch.tensor(best_scores, device=device) if generation_config.output_scores else None
-        return GenerateBeamDecoderOnlyOutput(sequences=out_ids, sequences_scores=scores)
-    return out_ids
+    return out_ids, best_scores

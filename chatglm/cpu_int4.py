@@ -9,7 +9,7 @@ copies. Layout: rows in blocks of `block`; each block is stored input-column-maj
 A row count that is not a whole number of blocks is padded with zero rows (the op would store a short last block
 differently); the padding is sliced off the output and never shown outside.
 
-INT8 goes through the same op, which reads weights faster than `_weight_int8pack_mm` (~40 vs ~33 GB/s here): an
+INT8 goes through the same op, which reads weights faster than `_weight_int8pack_mm` (benchmarks/README.md): an
 int8 q is 16 * hi + lo with hi = q >> 4 in [-8, 7] and lo = q & 15 in [0, 15], so an [out, in] INT8 weight is
 stored, in the same number of bytes, as the nibbles of an [out, 2 * in] matrix: hi + 8 in the first `in` columns,
 lo in the last. Then x @ q.T = cat([x, x]) @ [16 * hi, lo].T, where the op's per-group scale 16 (hi groups) and
@@ -65,8 +65,8 @@ def pack_blocks(official: torch.Tensor, bits: int, block: int, style: str,
 
 def _copy_transposed(dst: torch.Tensor, src: torch.Tensor):
     """dst.copy_(src.transpose(1, 2)) for a contiguous src [n, a, b]. Read straight, src's rows lie b bytes apart,
-    and with b a power of two (2048..16384 here) every column read lands in the same cache sets; reading from a
-    copy whose rows are padded by 64 bytes runs 2-4x faster."""
+    and with b a power of two every column read lands in the same cache sets, so we read from a copy whose rows are
+    padded by 64 bytes."""
     n, a, b = src.shape
     staged = torch.empty(n, a, b + 64, dtype=src.dtype, device=src.device)[..., :b]
     staged.copy_(src)
@@ -167,7 +167,7 @@ def _scales_and_zeros(scale: torch.Tensor, in_features: int, group: int, dtype) 
 @functools.lru_cache(maxsize=None)
 def unit_scales_and_zeros(in_features: int, out_features: int, group: int, dtype) -> torch.Tensor:
     # Shared by every layer of this shape: the CPU op multiplies by 1 and we apply the row scales to its output,
-    # which costs nothing measurable and saves a per-layer table (~3 MB per 6B block, 86 MB in all).
+    # which saves a per-layer table.
     with torch.inference_mode(False):
         return _scales_and_zeros(torch.ones(out_features), in_features, group, dtype)
 

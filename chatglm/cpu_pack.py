@@ -1,19 +1,22 @@
 """bfloat16 and float32 linears on CPU with their weights prepacked for oneDNN.
 
-Decoding reads every weight once per token. On the 2-core AVX-512 machine this project is measured on, a
-16384x4096 bfloat16 GEMV reads 22 GB/s through F.linear but 64 GB/s through oneDNN with the weight reordered into
-its blocked layout once, at load time (same results, bit for bit: F.linear runs the same oneDNN arithmetic). In
-float32, F.linear goes to MKL at ~24 GB/s and packed oneDNN reads ~49 GB/s; the sums are then ordered differently,
-so results differ in the last bits (~1e-6 relative; the original's own 1- vs 2-thread runs differ more).
+Decoding reads every weight once per token, and oneDNN reads a weight reordered once into its blocked layout
+much faster than F.linear reads the dense one (benchmarks/README.md, "Why the CPU kernels look as they do"). bfloat16
+results are the same bit for bit; float32 sums are ordered differently (last-bit differences, ~1e-6 relative).
 The packed weight replaces the dense one (no second copy); state dicts still hold the official dense `weight`, and
 moving or casting the model unpacks it. The word embedding, which lm_head shares, is packed too
 (PackedTiedEmbedding): lm_head reads 1.07 GB per token in bf16, 2.1 GB in fp32.
 """
+import ctypes
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checkpoint import release_pages
+from .quantization import INT8_LAYOUT, QuantizedLinear
 
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -107,19 +110,17 @@ class PackedLinear(nn.Module):
 
 
 # ---- the tied embedding / lm_head matrix --------------------------------------------------------------------------
-# lm_head reads the whole [vocab, hidden] matrix every token (1.07 GB for ChatGLM-6B in bf16); packed, that GEMV runs
-# at ~50 GB/s instead of ~33 in bf16 (fp32 gains more). The embedding shares the matrix, and a lookup needs rows,
-# which an opaque oneDNN tensor does not give out. So we read rows straight from the packed buffer: for inner
-# products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with AVX-512; k = 2 in bf16, 1 in
-# fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with the dense original; if it
-# ever differs (another CPU or oneDNN), the head stays unpacked.
+# lm_head reads the whole [vocab, hidden] matrix every token, so it is worth packing too. The embedding shares the
+# matrix, and a lookup needs rows, which an opaque oneDNN tensor does not give out. So we read rows straight from
+# the packed buffer: for inner products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with
+# AVX-512; k = 2 in bf16, 1 in fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with
+# the dense original; if it ever differs (another CPU or oneDNN), the head stays unpacked.
 HEAD_CHUNK_ROWS = 8192  # packed in chunks: while packing, only one chunk exists twice (67 MB in bf16, not 1 GB)
 _ROW_BLOCKS = (64, 32, 16)
 
 
 def _buffer_view(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A flat `dtype` tensor over the packed tensor's memory (valid while `packed` lives)."""
-    import ctypes
     nbytes = torch.ops.mkldnn._nbytes(packed)
     array = (ctypes.c_byte * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
     return torch.frombuffer(array, dtype=dtype)
@@ -168,7 +169,6 @@ def _pack_chunks(w: torch.Tensor, release_dense: bool = False):
             return None
         chunks.append(chunk)
         if release_dense:
-            from .loading import release_pages
             release_pages(part)
     return chunks
 
@@ -204,7 +204,6 @@ class PackedTiedEmbedding(nn.Module):
             return self.dense
         cached = self._weight_cache() if self._weight_cache is not None else None
         if cached is None:
-            import weakref
             cached = torch.cat([packed.to_dense() for packed, _ in self.chunks])
             cached.requires_grad_(False)
             self._weight_cache = weakref.ref(cached)
@@ -308,6 +307,20 @@ def pack_for_cpu(model: nn.Module, release_dense: bool = False) -> nn.Module:
         packed = PackedTiedEmbedding.pack(embedding, release_dense)
         if packed is not None:
             model.transformer.word_embeddings, model.lm_head = packed, PackedTiedHead(packed)
+    model.unpack_cpu_layers = unpack  # the model's train() and quantize() undo the packing through this
+    return model
+
+
+
+def prepare_for_cpu(model: nn.Module, dtype: torch.dtype, pack_dense: bool) -> nn.Module:
+    """The loader's last step on CPU: dense linears packed for oneDNN (pack_dense; the loader's own fresh model), and
+    quantized weights repacked for the CPU INT4 op now (in place), not as a stall on the first reply."""
+    if pack_dense:
+        pack_for_cpu(model, release_dense=True)
+    if dtype == torch.bfloat16 and getattr(model.config, "quantization_bit", 0):
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):
+                m.repack_for_cpu()
     return model
 
 

@@ -11,8 +11,14 @@ import shutil
 import sys
 import tempfile
 
+import sentencepiece as spm
 import torch
 from tqdm.auto import tqdm
+
+from .configuration import ChatGLMConfig
+from .modeling import ChatGLMForConditionalGeneration
+from .text import build_prompt
+from .tokenization import ChatGLMTokenizer, encode_whitespace
 
 VERSION = 1
 CORPUS = os.path.join(os.path.dirname(__file__), "demo_corpus.txt")
@@ -29,8 +35,6 @@ def default_dir() -> str:
 
 
 def _train_tokenizer(folder: str):
-    import sentencepiece as spm
-    from .tokenization import encode_whitespace
     with open(CORPUS, encoding="utf-8") as f:
         lines = [encode_whitespace(line.rstrip("\n")) for line in f if line.strip()]
     model = io.BytesIO()
@@ -49,11 +53,6 @@ def _train_tokenizer(folder: str):
 
 
 def _build_model(folder: str):
-    from .text import build_prompt
-    from .configuration import ChatGLMConfig
-    from .modeling import ChatGLMForConditionalGeneration
-    from .tokenization import ChatGLMTokenizer
-
     tok = ChatGLMTokenizer.from_pretrained(folder)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<sop>", "<eop>", "[MASK]", "[gMASK]", "<pad>")}
     config = ChatGLMConfig(vocab_size=tok.vocab_size, bos_token_id=ids["<sop>"], eos_token_id=ids["<eop>"],

@@ -159,7 +159,7 @@ def _quantized_layers(bits, out_features, in_features, nibble):
         layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, generator=g, dtype=torch.int8))
         layer.weight_scale.copy_(torch.rand(out_features, generator=g) * 0.01 + 1e-3)
         layer.bias.zero_()
-    if nibble and not layer._prepare_cpu_kernel():
+    if nibble and not layer.repack_for_cpu():
         return None
     layers = []
     for w in _copies(layer.weight.detach()):  # copies share scale and bias; the weight's layout comes along
@@ -167,7 +167,7 @@ def _quantized_layers(bits, out_features, in_features, nibble):
         q.weight = torch.nn.Parameter(w, requires_grad=False)
         q.weight_scale, q.bias = layer.weight_scale, layer.bias
         if nibble:
-            q._repacked_as = (q.weight, quantization._stamp(q.weight))
+            q._repacked_as = (q.weight, quantization.version_key(q.weight))
         layers.append(q)
     return layers
 

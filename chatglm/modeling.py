@@ -17,9 +17,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .beam_search import beam_search
+from .chat import OPTION_NAMES, chat_with_generate, generation_options
 from .configuration import ChatGLMConfig
+from .engine import Engine, Sequence
 from .kv_cache import KVCache, RaggedCache
 from .positions import glm_anchors, glm_positions
+from .quantize import quantize_model, replace_with_empty_quantized
+from .text import History, build_prompt
 
 # The original's GLMBlock takes its own num_layers argument (default 28) that the model never passes, so the
 # residual scale is sqrt(2 * 28) for every checkpoint, whatever config.num_layers says.
@@ -62,10 +67,6 @@ class RotaryEmbedding(nn.Module):
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
 
 
 def rope_tables(rotary: RotaryEmbedding, position_ids, dtype, bound=None):
@@ -142,8 +143,8 @@ def attention(q, k, v, mask, c: float):
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask & ~dead, MASK_FILL * c)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[-2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # Decoding on CPU in 16 bits: PyTorch's fused kernel is slow for a single query (4-6x slower than this
-        # on the 2-core machine), so: scores, softmax in fp32 (as the original), weighted values. k is a view of
+        # Decoding on CPU in 16 bits: PyTorch's fused kernel is slow for a single query (benchmarks/README.md),
+        # so: scores, softmax in fp32 (as the original), weighted values. k is a view of
         # the KV cache's buffer; k @ q^T reads it in place, where q @ k^T would first copy it.
         scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float().mul_(scale)
         if bias is not None:
@@ -325,8 +326,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             for name, p in self.named_parameters():
                 if not name.startswith("transformer.prefix_encoder."):
                     p.requires_grad_(False)
-        if config.quantization_bit:
-            from .quantization import replace_with_empty_quantized
+        if config.quantization_bit:  # pre-quantized checkpoints: empty quantized layers, filled by loading
             replace_with_empty_quantized(self, config.quantization_bit)
         self.is_demo = False
         self.name_or_path = getattr(config, "_name_or_path", "")
@@ -429,31 +429,80 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             model_kwargs["glm_position_ids"] = nxt
         return model_kwargs
 
+    # ---- conversation (ChatGLM-6B's chat API; runs on chatglm.engine as a batch of one) -------------------------
+    def chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048, num_beams=1,
+             do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, stop=None, **kwargs):
+        """(response, history + [(query, response)]). Extra kwargs: the GenerationOptions fields (repetition_penalty,
+        top_k, max_new_tokens, seed, ...); others go to generate(). stop: strings that end the reply (the reply is
+        cut before the first one). Beam search (num_beams > 1) runs on transformers' generate()."""
+        options = generation_options(self.config, max_length, do_sample, top_p, temperature, stop, kwargs)
+        others = set(kwargs) - OPTION_NAMES - {"stopping_criteria"}
+        if (num_beams > 1 or others) and not options.stop:
+            return chat_with_generate(self, tokenizer, query, history, options, num_beams, logits_processor, kwargs)
+        *_, last = self.stream_chat(tokenizer, query, history, max_length=max_length, do_sample=do_sample,
+                                    top_p=top_p, temperature=temperature, logits_processor=logits_processor,
+                                    stop=stop, **kwargs)
+        return last
+
+    def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048,
+                    do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, stop=None,
+                    stopping_criteria=None, **kwargs):
+        """Yields (response_so_far, history + [(query, response_so_far)]) as tokens arrive.
+
+        The original never yielded the last token (a length-stopped reply lost it; an <eop>-only reply yielded
+        nothing). We yield what it yielded and then, where it differs, the complete reply, so the last yield always
+        equals chat()'s result. Closing the generator stops generation. logits_processor / stopping_criteria:
+        transformers-style callables, still accepted (applied per token to this sequence).
+        """
+        options = generation_options(self.config, max_length, do_sample, top_p, temperature, stop, kwargs)
+        history = list(history or [])
+        criteria = stopping_criteria
+        seq = Sequence(tokenizer.encode(build_prompt(query, history)), options, tokenizer, self.config,
+                       list(logits_processor or []),
+                       (lambda ids, scores: bool(criteria(ids, scores).all())) if criteria else None)
+        engine = Engine(self, kv_budget=0)  # a batch of one always runs, whatever its size
+        engine.add(seq)
+        last = None
+        try:
+            while not seq.finished:
+                engine.step()
+                if seq.stopped_by_string:
+                    break
+                if not seq.finished:
+                    last = seq.visible
+                    yield last, history + [(query, last)]
+        finally:
+            seq.cancelled = True  # closing the generator ends generation at once
+            seq.cache = None
+        if last is None or seq.response != last:
+            yield seq.response, history + [(query, seq.response)]
+
+    _beam_search = beam_search  # the original's beam ranking, in place of GenerationMixin's
+
     # ---- conveniences -----------------------------------------------------------------------------------------
+    # Set by chatglm/cpu_pack.py's pack_for_cpu on the models it packs (that module sits above this one): gives the
+    # plain layers back, so training and quantize() see ordinary Parameters.
+    unpack_cpu_layers = None
+
     def train(self, mode: bool = True):
-        # oneDNN-packed bf16 weights (chatglm/cpu_pack.py, inference on CPU) are not Parameters: training gets the
-        # plain layers back, so every weight is a Parameter an optimizer created from now on will see
-        if mode:
-            from .cpu_pack import is_packed, unpack
-            if is_packed(self):
-                unpack(self)
+        # oneDNN-packed bf16 weights (inference on CPU) are not Parameters: training gets the plain layers back, so
+        # every weight is a Parameter an optimizer created from now on will see
+        if mode and self.unpack_cpu_layers is not None:
+            self.unpack_cpu_layers(self)
         return super().train(mode)
 
     def quantize(self, bits: int, quantize_embeddings: bool = False):
         """Weight-only INT8/INT4 of the block linears, in place (the official chatglm-6b-int4/-int8 format).
         quantize_embeddings=True also quantizes the embedding that lm_head shares (chatglm-6b-int4-qe's format):
         ~0.8 GB less for the 6B model in INT4, outputs slightly different from the official INT4 model."""
-        from .cpu_pack import unpack
-        from .quantization import quantize_model
-        quantize_model(unpack(self), bits, embeddings=quantize_embeddings)
-        self.config.quantization_bit = bits
-        return self
+        if self.unpack_cpu_layers is not None:
+            self.unpack_cpu_layers(self)
+        return quantize_model(self, bits, embeddings=quantize_embeddings)
+
+    # Set by chatglm/loading.py (a module above this one; `import chatglm` imports it): reads the official layout.
+    load_weights = None
 
     @classmethod
     def from_pretrained(cls, path, *args, dtype=None, device=None, torch_dtype=None, config=None, **kwargs):
         """Load a local folder (or cached hub id) in the official layout; see chatglm.loading.load_weights."""
-        from .loading import load_weights
-        return load_weights(path, dtype=dtype or torch_dtype, device=device, config=config)
-
-    from .beam_search import beam_search as _beam_search  # noqa: E402  (the original's beam ranking)
-    from .chat import chat, stream_chat  # noqa: E402  (methods; they run on chatglm.engine)
+        return cls.load_weights(path, dtype=dtype or torch_dtype, device=device, config=config)

@@ -5,6 +5,7 @@ One place defines them so every script spells and defaults them the same way.
 import argparse
 import os
 
+from .loading import ModelLoadError, load_model
 from .validation import GenerationOptions, InputError
 
 
@@ -43,7 +44,6 @@ def add_server_args(parser: argparse.ArgumentParser, port: int, share: bool = Fa
 def load_from_args(args: argparse.Namespace):
     """(tokenizer, model) for parsed options; see chatglm.loading.load_model. Raises ModelLoadError (which every
     front door reports as a plain error) for options that cannot load a model."""
-    from .loading import ModelLoadError, load_model
     quantize_embeddings = getattr(args, "quantize_embeddings", False)
     if quantize_embeddings and not args.quantize:
         raise ModelLoadError("--quantize-embeddings needs --quantize 4 or 8 (the embeddings are quantized to the "

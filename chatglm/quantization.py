@@ -94,7 +94,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).view(packed.shape[0], -1)
 
 
-def _stamp(t: torch.Tensor):
+def version_key(t: torch.Tensor):
     """What changes when a tensor's contents are written or replaced (inference tensors have no version)."""
     try:
         return t._version, t.data_ptr()
@@ -147,8 +147,8 @@ class QuantizedLinear(nn.Module):
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=scale_dtype),
                                          requires_grad=False)
-        self._repacked_as = None  # (Parameter, _stamp) of a weight repacked for the CPU INT4 op
-        self._cast = None  # see _call_state
+        self._repacked_as = None  # (Parameter, version_key) of a weight repacked for the CPU INT4 op
+        self._operands_cache = None  # see _operands
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
@@ -162,6 +162,12 @@ class QuantizedLinear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
 
+    def load_float_weight(self, weight: torch.Tensor, device, scale_dtype: torch.dtype):
+        """Quantize a floating-point [out, in] weight into this layer (a checkpoint loaded with quantize=4|8)."""
+        q, scale = quantize_weight(weight, self.bits)
+        self.weight = nn.Parameter(q.to(device), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.to(device=device, dtype=scale_dtype), requires_grad=False)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"bias={self.bias is not None}")
@@ -169,7 +175,7 @@ class QuantizedLinear(nn.Module):
     # -- official <-> CPU-kernel layout --
     def _repacked(self) -> bool:
         r, w = self._repacked_as, self.weight
-        return r is not None and r[0] is w and r[1] == _stamp(w)
+        return r is not None and r[0] is w and r[1] == version_key(w)
 
     def _nibble_columns(self) -> int:
         return self.in_features if self.bits == 4 else 2 * self.in_features
@@ -205,7 +211,7 @@ class QuantizedLinear(nn.Module):
                 self.weight.data = self.int_weight()
         self._repacked_as = None
 
-    def _prepare_cpu_kernel(self) -> bool:
+    def repack_for_cpu(self) -> bool:
         """Repack the weight for the CPU INT4 op: once, into a tensor of the same size (plus any padding rows) that
         replaces the official one, so memory does not grow. False where this machine or this shape does not allow
         it."""
@@ -227,12 +233,12 @@ class QuantizedLinear(nn.Module):
                     part = torch.cat([part, part.new_zeros(missing, part.shape[1])])
                 pack_blocks(part, self.bits, *layout, out=packed[start:start + part.shape[0]])
             w.data = packed
-        self._repacked_as = (w, _stamp(w))
+        self._repacked_as = (w, version_key(w))
         return True
 
     def _apply(self, fn, recurse=True):
         self._restore_official_layout()  # moves and casts see (and keep) the official format
-        self._cast = None
+        self._operands_cache = None
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -242,7 +248,7 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._restore_official_layout()
-        self._cast = None
+        self._operands_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- compute --
@@ -286,14 +292,14 @@ class QuantizedLinear(nn.Module):
         rows = q.to(dtype) * self.weight_scale[flat].to(dtype)[:, None]
         return rows.view(*ids.shape, self.in_features)
 
-    def _call_state(self, dtype: torch.dtype):
+    def _operands(self, dtype: torch.dtype):
         """(repacked, weight_scale and bias in `dtype`, the INT4 op's table and group size if repacked) for activations
         of `dtype`. Cached, because converting the scales and looking things up on every call cost more than a small
         layer's matrix-vector product; rebuilt when weight, weight_scale or bias are replaced, written or repacked."""
         params = self._parameters
         w, s, b = params["weight"], params["weight_scale"], params["bias"]
-        ws, ss, bs = _stamp(w), _stamp(s), None if b is None else _stamp(b)
-        c = self._cast
+        ws, ss, bs = version_key(w), version_key(s), None if b is None else version_key(b)
+        c = self._operands_cache
         if (c is not None and c[0] is dtype and c[1] is w and c[2] == ws and c[3] is s and c[4] == ss and c[5] is b
                 and c[6] == bs):
             return c[7]
@@ -305,7 +311,7 @@ class QuantizedLinear(nn.Module):
             table = tables(self.in_features, w.shape[0], group, dtype)
         with torch.inference_mode(False), torch.no_grad():
             state = (repacked, s.detach().to(dtype), None if b is None else b.detach().to(dtype), table, group)
-        self._cast = (dtype, w, ws, s, ss, b, bs, state)
+        self._operands_cache = (dtype, w, ws, s, ss, b, bs, state)
         return state
 
     def _fused_cpu(self, x2d: torch.Tensor, with_bias: bool) -> Optional[torch.Tensor]:
@@ -313,15 +319,15 @@ class QuantizedLinear(nn.Module):
         dtype, n = x2d.dtype, x2d.shape[0]
         if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
             return None
-        state = self._call_state(dtype)
+        state = self._operands(dtype)
         if state[0]:  # repacked for the INT4 op
             return self._int4_op(x2d, with_bias, state)
         # INT4 repacks on its first fused call; INT8 in the "nibble" layout on a one-row call or where the INT8 op is
         # missing (by default never for float32, which keeps its INT8 op and so the original's numbers)
         nibble = INT8_LAYOUT.get(dtype) == "nibble" and (n <= INT8_AS_INT4_REPACK_ROWS or not cpu_int8_fused_ok())
         if self.bits == 4 or nibble:
-            if self._prepare_cpu_kernel():
-                return self._int4_op(x2d, with_bias, self._call_state(dtype))
+            if self.repack_for_cpu():
+                return self._int4_op(x2d, with_bias, self._operands(dtype))
         if self.bits == 8 and cpu_int8_fused_ok():
             _, scale, bias, _, _ = state
             y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self._parameters["weight"], scale)
@@ -350,11 +356,11 @@ class QuantizedLinear(nn.Module):
 
     def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         dtype = x2d.dtype
-        # From a repacked weight, multiply by the transposed integers and scale the output: ~3x faster than making
-        # row-major weights. bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
+        # From a repacked weight, multiply by the transposed integers and scale the output (no row-major weight is
+        # rebuilt). bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
         # could overflow on the unscaled sums.
         columns = self._repacked() and dtype == torch.bfloat16
-        scale = self._call_state(dtype)[1] if columns else None
+        scale = self._operands(dtype)[1] if columns else None
         rows = DEQUANT_CHUNK_ELEMENTS // self.in_features // 64 * 64
         if x2d.device.type != "cpu" or rows == 0 or rows >= self.out_features:
             if columns:
@@ -365,7 +371,7 @@ class QuantizedLinear(nn.Module):
         y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
         buffer = torch.empty(self.in_features * rows, dtype=dtype)
         if dtype == torch.bfloat16 and scale is None:
-            scale = self._call_state(dtype)[1]
+            scale = self._operands(dtype)[1]
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             if columns:
@@ -387,7 +393,7 @@ class QuantizedLinear(nn.Module):
                 return y
         y = self._dequantized_matmul(x2d)
         if with_bias and self.bias is not None:
-            y = y.add_(self._call_state(y.dtype)[2])
+            y = y.add_(self._operands(y.dtype)[2])
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,117 +407,3 @@ class QuantizedLinear(nn.Module):
         else:
             y = self._matmul(x2d, with_bias=True)
         return y.view(*x.shape[:-1], self.out_features)
-
-
-# ---- whole models -----------------------------------------------------------------------------------------------
-
-def _blocks(model: nn.Module):
-    base = getattr(model, "transformer", model)
-    if not hasattr(base, "layers"):
-        raise TypeError(f"{type(model).__name__} has no transformer.layers: not a ChatGLM model")
-    return base.layers
-
-
-def _linear_slots(model: nn.Module):
-    """(parent module, attribute name, current module) for each quantizable linear of every block."""
-    for block in _blocks(model):
-        for path in QUANTIZED_LINEARS:
-            parent_path, _, name = path.rpartition(".")
-            parent = block.get_submodule(parent_path)
-            yield parent, name, getattr(parent, name)
-
-
-def _set_bits(model: nn.Module, bits: int):
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.quantization_bit = bits
-
-
-def _embedding_slots(model: nn.Module):
-    """(ChatGLMModel, its word_embeddings, the model's lm_head) for embedding quantization."""
-    base = getattr(model, "transformer", model)
-    if not hasattr(base, "word_embeddings") or not hasattr(model, "lm_head"):
-        raise TypeError(f"{type(model).__name__} has no transformer.word_embeddings and lm_head: quantized embeddings "
-                        f"need ChatGLMForConditionalGeneration")
-    return base, base.word_embeddings, model.lm_head
-
-
-def _embedding_needs_quantizing(model: nn.Module, bits: int) -> bool:
-    """False if the embedding is quantized already (to these bits; other bits raise ValueError)."""
-    from .quantized_embedding import QuantizedEmbedding
-    embedding = _embedding_slots(model)[1]
-    if isinstance(embedding, QuantizedEmbedding):
-        if embedding.bits != bits:
-            raise ValueError(f"the embeddings are already quantized to {embedding.bits} bits; load the FP16 "
-                             f"checkpoint again to quantize them to {bits} bits")
-        return False
-    return True
-
-
-def _install_quantized_embedding(model: nn.Module, quantized) -> None:
-    """The QuantizedEmbedding replaces the embedding, and its QuantizedLinear the lm_head."""
-    base = _embedding_slots(model)[0]
-    base.word_embeddings, model.lm_head = quantized, quantized.lm_head
-    # save_pretrained writes the shared tensors once, under the embedding's names, as for the tied FP16 model (its
-    # own tied-weight check cannot see the sharing once the CPU kernel has repacked them in memory)
-    ignored = list(getattr(model, "_keys_to_ignore_on_save", None) or [])
-    model._keys_to_ignore_on_save = ignored + [k for k in ("lm_head.weight", "lm_head.weight_scale")
-                                               if k not in ignored]
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.quantization_embeddings = True
-
-
-def quantize_model(model: nn.Module, bits: int, embeddings: bool = False) -> nn.Module:
-    """Quantize the four linears of every block in place (one at a time, so memory only shrinks); returns model.
-    embeddings=True also quantizes the word embeddings, which lm_head then shares (chatglm-6b-int4-qe's format, see
-    quantized_embedding.py). Quantizing again to the same bits does nothing; to other bits raises ValueError."""
-    bits = check_bits(bits)
-    for parent, name, module in _linear_slots(model):
-        if isinstance(module, QuantizedLinear):
-            if module.bits != bits:
-                raise ValueError(f"the model is already quantized to {module.bits} bits; load the FP16 checkpoint "
-                                 f"again to quantize it to {bits} bits")
-            continue
-        if module.weight.is_meta:
-            raise ValueError("the model's weights are not loaded (meta tensors); load the checkpoint first")
-    if embeddings and _embedding_needs_quantizing(model, bits):
-        from .quantized_embedding import QuantizedEmbedding
-        _, embedding, head = _embedding_slots(model)
-        if getattr(head, "weight", None) is not embedding.weight:
-            raise ValueError("lm_head is not tied to transformer.word_embeddings, so they cannot share one quantized "
-                             "matrix; quantize without embeddings")
-        if embedding.weight.is_meta:
-            raise ValueError("the model's weights are not loaded (meta tensors); load the checkpoint first")
-        _install_quantized_embedding(model, QuantizedEmbedding.from_embedding(embedding, bits))
-    for parent, name, module in _linear_slots(model):
-        if not isinstance(module, QuantizedLinear):
-            setattr(parent, name, QuantizedLinear.from_linear(module, bits))
-    _set_bits(model, bits)
-    return model
-
-
-def replace_with_empty_quantized(model: nn.Module, bits: int, embeddings: Optional[bool] = None) -> nn.Module:
-    """Swap in empty QuantizedLinear layers (same device and dtype as the linears they replace), ready for the
-    official pre-quantized state dict (config.quantization_bit) to be loaded into them; returns model.
-    embeddings (default: config.quantization_embeddings) also swaps in an empty QuantizedEmbedding shared with
-    lm_head, for checkpoints like chatglm-6b-int4-qe."""
-    bits = check_bits(bits)
-    if embeddings is None:
-        embeddings = bool(getattr(getattr(model, "config", None), "quantization_embeddings", False))
-    embeddings = embeddings and _embedding_needs_quantizing(model, bits)
-    for parent, name, module in _linear_slots(model):
-        if isinstance(module, QuantizedLinear):
-            if module.bits != bits:
-                raise ValueError(f"the model already has {module.bits}-bit layers; cannot make them {bits}-bit")
-            continue
-        setattr(parent, name, QuantizedLinear(module.in_features, module.out_features, bits,
-                                              bias=module.bias is not None, device=module.weight.device,
-                                              dtype=module.weight.dtype))
-    if embeddings:
-        from .quantized_embedding import QuantizedEmbedding
-        e = _embedding_slots(model)[1]
-        _install_quantized_embedding(model, QuantizedEmbedding(e.num_embeddings, e.embedding_dim, bits,
-                                                               device=e.weight.device, dtype=e.weight.dtype))
-    _set_bits(model, bits)
-    return model

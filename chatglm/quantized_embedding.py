@@ -57,6 +57,11 @@ class QuantizedEmbedding(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.compute_dtype_marker.dtype
 
+    def load_float_weight(self, weight: torch.Tensor, device, scale_dtype: torch.dtype):
+        """Quantize a floating-point [vocab, hidden] embedding into this module (and so into lm_head)."""
+        self.lm_head.load_float_weight(weight, device, scale_dtype)
+        self.weight, self.weight_scale = self.lm_head.weight, self.lm_head.weight_scale
+
     def rebind(self, dtype: torch.dtype, device) -> "QuantizedEmbedding":
         """After the loader put fresh `weight` / `weight_scale` Parameters here: lm_head shares them again, and
         lookups produce `dtype` on `device`."""

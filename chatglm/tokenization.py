@@ -7,11 +7,14 @@ tokenizer base classes, whose behaviour changed across releases.
 import json
 import os
 import re
+import shutil
 from typing import Dict, List, Optional, Union
 
 import numpy as np
 import sentencepiece as spm
 from transformers import BatchEncoding
+
+from .checkpoint import resolve_model_path
 
 VOCAB_FILE = "ice_text.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -97,7 +100,6 @@ class ChatGLMTokenizer:
     def from_pretrained(cls, path, **kwargs):
         path = str(path)
         if not os.path.isdir(path):
-            from .loading import resolve_model_path
             path = resolve_model_path(path)
         cfg = {}
         cfg_file = os.path.join(path, CONFIG_FILE)
@@ -110,7 +112,6 @@ class ChatGLMTokenizer:
         return cls(os.path.join(path, VOCAB_FILE), name_or_path=path, **cfg)
 
     def save_pretrained(self, save_directory, **kwargs):
-        import shutil
         os.makedirs(save_directory, exist_ok=True)
         target = os.path.join(save_directory, VOCAB_FILE)
         if os.path.abspath(target) != os.path.abspath(self.vocab_file):

@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import GOLDEN, ROOT, load_golden
 
-from chatglm.quantization import (QUANTIZED_LINEARS, QuantizedLinear, quantize_model, quantize_weight, unpack_int4,
-                                  replace_with_empty_quantized)
+from chatglm.quantization import QUANTIZED_LINEARS, QuantizedLinear, quantize_weight, unpack_int4
+from chatglm.quantize import quantize_model, replace_with_empty_quantized
 
 LOGIT_TOL = 1e-3  # the golden README's bar for fp32 on CPU
 QUANT_KEYS = ("weight", "weight_scale")
