@@ -264,6 +264,13 @@ class ChatCompletionChunk(BaseModel):
     usage: Optional[Usage] = None
 
 
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    generating: bool  # replies are being generated
+    queued: int       # requests waiting to be admitted
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -460,9 +467,8 @@ class ChatAPI:
         self.started = int(time.time())
         self.request_ids = itertools.count(1)
 
-    async def health(self):
-        return {"status": "ok", "model": self.served_name, "generating": self.service.running > 0,
-                "queued": self.service.waiting}
+    async def health(self) -> Health:
+        return Health(model=self.served_name, generating=self.service.running > 0, queued=self.service.waiting)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.served_name, created=self.started,
