@@ -22,7 +22,7 @@ from chatglm.context import ContextTooLongError
 from chatglm.loading import ModelLoadError
 from chatglm.model_info import describe_model
 from chatglm.options import add_model_args, add_server_args, kv_budget_bytes, load_from_args
-from chatglm.service import ModelService, Reply
+from chatglm.service import ModelService, QueueFull, Reply
 from chatglm.validation import GenerationOptions, InputError
 
 # upstream's slider ranges and defaults
@@ -213,7 +213,10 @@ def submit_turn(service: ModelService, query: str, history: list, options: Gener
     Refused when it can't be answered (the pages then leave it in the text box, so nothing typed is lost)."""
     if isinstance(query, str) and not query.strip():
         raise Refused("")
-    reply = service.submit(query, history, options)
+    try:
+        reply = service.submit(query, history, options)
+    except QueueFull as e:
+        raise Refused(f"Your message was not sent: {e}.") from None
     reply.prepared.wait()
     if isinstance(reply.error, ContextTooLongError):
         raise Refused(f"Your message cannot be answered: {reply.error}.")
