@@ -295,6 +295,13 @@ def checked_text(text, field: str) -> str:
         raise APIError(400, str(e), param=e.field) from None
 
 
+def options_from(**given) -> GenerationOptions:
+    try:
+        return GenerationOptions.build(**given)  # the values are checked by the service, with the others
+    except InputError as e:
+        raise APIError(400, str(e), param=e.field) from None
+
+
 def plan_upstream(raw: bytes, context: int):
     """(body, query, history, options) for a POST / body."""
     body = parse_body(raw, UpstreamRequest)
@@ -303,7 +310,7 @@ def plan_upstream(raw: bytes, context: int):
         history = check_history(body.history)
     except InputError as e:
         raise APIError(400, str(e), param="history") from None
-    options = GenerationOptions.build(
+    options = options_from(
         max_length=min(DEFAULT_MAX_LENGTH, context) if body.max_length is None else body.max_length,
         top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
         top_k=body.top_k, stop=body.stop)
@@ -338,7 +345,7 @@ def to_query_and_history(messages: List[Message]):
 def plan_chat_completion(raw: bytes, context: int):
     """(body, query, history, options) for a /v1/chat/completions body."""
     body = parse_body(raw, ChatCompletionRequest)
-    options = GenerationOptions.build(
+    options = options_from(
         top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
         top_k=0 if body.top_k == -1 else body.top_k,  # -1 = no limit, as vLLM
         frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
@@ -390,10 +397,11 @@ async def deltas(reply: Reply, request: Request):
             pending = None
             yield delta
     finally:
-        if pending is not None:
-            pending.cancel()
         reply.cancel()  # a no-op once the reply has ended
-        await items.aclose()
+        if pending is not None:
+            pending.cancel()  # ends the iterator, which is inside that task now
+        else:
+            await items.aclose()
 
 
 async def result_of(reply: Reply, request: Request) -> Result:
