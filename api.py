@@ -2,10 +2,10 @@
 
     python api.py [--model-path DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-One worker thread owns the model and runs one generation at a time, in arrival order; the event loop only reads
-bodies (size-limited) and relays, while parsing, validation and tokenizing run in a thread pool, so /health answers
-while a long reply is generated or a huge request is checked. A client that hangs up (or a streaming client that
-closes the connection) stops its generation at the next token.
+Every request goes to one chatglm.service.ModelService, whose engine generates all admitted replies together
+(continuous batching). The event loop only reads bodies (size-limited) and relays text; parsing runs in a thread
+pool and validation, history fitting and tokenizing on the service's thread, so /health answers while replies are
+generated or a huge request is checked. A client that hangs up stops its reply at the next step.
 """
 import argparse
 import asyncio
@@ -14,31 +14,27 @@ import itertools
 import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Dict, List, Literal, Optional, Union
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from chatglm.context import ContextTooLongError, fit_history, prompt_length
+from chatglm.context import ContextTooLongError
 from chatglm.model_info import describe_model, public_model_info
-from chatglm.options import add_model_args, add_server_args, load_from_args
+from chatglm.options import add_model_args, add_server_args, kv_budget_bytes, load_from_args
+from chatglm.service import ModelService, QueueFull, Reply, Result
+from chatglm.text import History
 from chatglm.validation import (MAX_HISTORY_TURNS, GenerationOptions, InputError, check_count, check_history,
                                 check_text, parse_json_object)
-from utils import TextDeltas
 
 log = logging.getLogger("chatglm.api")
 
@@ -201,222 +197,239 @@ def parse_body(raw: bytes, model: type):
         raise APIError(400, _describe(e), param=str(first[0]) if first else None) from None
 
 
-# ---- the model worker -----------------------------------------------------------------------------------------
+# ---- response bodies ------------------------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    """One generation request, as the worker thread sees it."""
-    id: int
-    route: str
-    query: str
-    history: list
-    max_length: int
-    top_p: float
-    temperature: float
-    prompt_tokens: int
-    stream: bool = False
-    stop: List[str] = field(default_factory=list)
-    seed: Optional[int] = None
-    logit_bias: Optional[Dict[int, float]] = None
-    penalties: Optional[Dict[str, float]] = None  # OpenAI's frequency_penalty / presence_penalty
-    options: dict = field(default_factory=dict)  # more stream_chat arguments: repetition_penalty, top_k, stop
-    # set by submit()
-    loop: Optional[asyncio.AbstractEventLoop] = None
-    events: Optional[asyncio.Queue] = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, kind: str, payload=None):
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled.set()
-
-
-@dataclass
-class Result:
+class UpstreamResponse(BaseModel):
+    """Reply of POST /, as upstream's api.py shaped it."""
     response: str
-    history: list
+    history: List[List[str]]
+    status: int = 200
+    time: str
+
+
+class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # stop | length | cancelled
+    total_tokens: int
+
+    @classmethod
+    def of(cls, result: Result) -> "Usage":
+        return cls(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                   total_tokens=result.prompt_tokens + result.completion_tokens)
 
 
-class LogitBias(LogitsProcessor):
-    """OpenAI's logit_bias: adds a fixed value to the scores of the given token ids (-100 bans a token)."""
-
-    def __init__(self, bias: Dict[int, float]):
-        self.ids = torch.tensor(list(bias.keys()))
-        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
-        return scores
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
 
-class FrequencyPresencePenalty(LogitsProcessor):
-    """OpenAI's frequency_penalty and presence_penalty on the raw scores: a token generated c times so far in this
-    reply loses c * frequency_penalty + (c > 0) * presence_penalty (the prompt does not count, as in OpenAI's
-    definition and vLLM's implementation)."""
-
-    def __init__(self, prompt_tokens: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
-        self.start, self.frequency, self.presence = prompt_tokens, frequency_penalty, presence_penalty
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.start:]
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Optional[str]
 
 
-class SeenIds(StoppingCriteria):
-    """Never stops generation, but remembers the ids so far: the exact completion token count, and whether the
-    reply ended with <eop> (finish_reason stop) or ran out of length."""
-    ids = None
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.ids = input_ids
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def _find_stop(text: str, stops: List[str]) -> Optional[int]:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: List[Choice]
+    usage: Usage
 
 
-def _without_stop_prefix(text: str, stops: List[str]) -> str:
-    """text minus a tail that could still grow into a stop string (never stream half a stop sequence)."""
-    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops if len(s) > n):
-            return text[:-n]
-    return text
+class Delta(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
 
 
-class ModelWorker:
-    """The only thread that touches the model: runs queued jobs one at a time, in arrival order."""
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Optional[str] = None
 
-    def __init__(self, tokenizer, model, max_queue: int):
-        self.tokenizer, self.model, self.max_queue = tokenizer, model, max_queue
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.current: Optional[Job] = None
-        self.thread = threading.Thread(target=self._run, name="chatglm-model", daemon=True)
-        self.thread.start()
+    @field_serializer("delta")
+    def _only_what_is_set(self, delta: Delta) -> dict:
+        return delta.model_dump(exclude_none=True)
 
-    @property
-    def queued(self) -> int:
-        return self.jobs.qsize()
 
-    def submit(self, job: Job) -> Job:
-        if self.queued >= self.max_queue:
-            raise APIError(503, f"server busy: {self.queued} requests are already waiting; retry later",
-                           headers={"Retry-After": "5"})
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.jobs.put(job)
-        return job
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event of a stream: a delta carries only what it sets; "usage" appears (null until the
+    last chunk) only when the client asked for it."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChunkChoice]
+    usage: Optional[Usage] = None
 
-    def stop(self):
-        if self.current is not None:
-            self.current.cancelled.set()
-        self.jobs.put(None)
 
-    def _run(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                log.info("#%d %s: client left before its turn; skipped", job.id, job.route)
-                continue
-            self.current = job
-            try:
-                job.emit("done", self._generate(job))
-            except Exception as e:  # a bug or an out-of-memory error: answer 500, keep serving
-                log.exception("#%d %s failed", job.id, job.route)
-                job.emit("error", e)
-            finally:
-                self.current = None
-                if job.seed is not None:
-                    torch.seed()  # the next request without a seed must not replay this one's randomness
-                if self.model.device.type == "cuda":
-                    torch.cuda.empty_cache()  # as upstream: give memory back between requests
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    generating: bool  # replies are being generated
+    queued: int       # requests waiting to be admitted
 
-    def _generate(self, job: Job) -> Result:
-        seen = SeenIds()
-        processors = LogitsProcessorList()
-        if job.penalties:
-            processors.append(FrequencyPresencePenalty(job.prompt_tokens, **job.penalties))
-        if job.logit_bias:
-            processors.append(LogitBias(job.logit_bias))
-        if job.seed is not None:
-            torch.manual_seed(job.seed)  # reproducible: only this thread samples
-        deltas, finish, response = TextDeltas(), None, ""
-        start = time.perf_counter()
-        gen = self.model.stream_chat(self.tokenizer, job.query, job.history, max_length=job.max_length,
-                                     top_p=job.top_p, temperature=job.temperature, logits_processor=processors,
-                                     stopping_criteria=StoppingCriteriaList([seen]), **job.options)
-        try:
-            for response, _ in gen:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                cut = _find_stop(response, job.stop)
-                if cut is not None:
-                    response, finish = response[:cut], "stop"
-                    break
-                if job.stream:
-                    new = deltas.step(_without_stop_prefix(response, job.stop) if job.stop else response)
-                    if new:
-                        job.emit("delta", new)
-        finally:
-            gen.close()  # stops the decoding loop at once
-        generated = seen.ids[0, job.prompt_tokens:].tolist() if seen.ids is not None else []
-        if finish is None:
-            finish = "stop" if generated and generated[-1] == self.tokenizer.eos_token_id else "length"
-        if job.stream and finish != "cancelled":
-            rest = deltas.finish(response)
-            if rest:
-                job.emit("delta", rest)
-        took = time.perf_counter() - start
-        if finish == "cancelled":
-            log.info("#%d %s: client disconnected; stopped after %d tokens (%.2f s)", job.id, job.route,
-                     len(generated), took)
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "THUDM"
+    chatglm: dict  # what is loaded (precision, quantization, P-Tuning prefix); OpenAI clients ignore it
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
+
+
+# ---- requests -> (query, history, options) --------------------------------------------------------------------
+# Run in a worker thread: parsing and the per-message text checks. Option values, history fitting and tokenizing
+# are the model service's (on its own thread).
+
+def checked_text(text, field: str) -> str:
+    try:
+        return check_text(text, field)
+    except InputError as e:
+        raise APIError(400, str(e), param=e.field) from None
+
+
+def options_from(**given) -> GenerationOptions:
+    try:
+        return GenerationOptions.build(**given)  # the values are checked by the service, with the others
+    except InputError as e:
+        raise APIError(400, str(e), param=e.field) from None
+
+
+def plan_upstream(raw: bytes, context: int):
+    """(body, query, history, options) for a POST / body."""
+    body = parse_body(raw, UpstreamRequest)
+    checked_text(body.prompt, "prompt")
+    try:
+        history = check_history(body.history)
+    except InputError as e:
+        raise APIError(400, str(e), param="history") from None
+    options = options_from(
+        max_length=min(DEFAULT_MAX_LENGTH, context) if body.max_length is None else body.max_length,
+        top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
+        top_k=body.top_k, stop=body.stop)
+    return body, body.prompt, history, options
+
+
+def to_query_and_history(messages: List[Message]):
+    """OpenAI messages -> (query, [(q, a), ...]). System messages are put in front of the first user message
+    (ChatGLM-6B has no system role); consecutive messages of one role are joined by newlines."""
+    for i, m in enumerate(messages):
+        checked_text(m.text, f"messages[{i}].content")
+    system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
+    turns: List[List[str]] = []  # [role, text]
+    for m in (m for m in messages if m.role not in ("system", "developer")):
+        if turns and turns[-1][0] == m.role:
+            turns[-1][1] += "\n" + m.text
         else:
-            log.info("#%d %s: %d prompt + %d completion tokens in %.2f s (%s)", job.id, job.route,
-                     job.prompt_tokens, len(generated), took, finish)
-        return Result(response, job.history + [(job.query, response)], job.prompt_tokens, len(generated), finish)
+            turns.append([m.role, m.text])
+    if not turns or turns[-1][0] != "user":
+        raise APIError(400, "the last message must have role 'user' (the question to answer)", param="messages")
+    if turns[0][0] != "user":
+        raise APIError(400, "the conversation must start with a 'user' message (after any system messages)",
+                       param="messages")
+    if system:
+        turns[0][1] = system + "\n" + turns[0][1]
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    if not turns[-1][1].strip():
+        raise APIError(400, "the last user message is empty", param="messages")
+    return turns[-1][1], history
 
+
+def plan_chat_completion(raw: bytes, context: int):
+    """(body, query, history, options) for a /v1/chat/completions body."""
+    body = parse_body(raw, ChatCompletionRequest)
+    options = options_from(
+        top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
+        top_k=0 if body.top_k == -1 else body.top_k,  # -1 = no limit, as vLLM
+        frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+        logit_bias=body.logit_bias, seed=body.seed, stop=body.stop,
+        max_new_tokens=body.max_completion_tokens or body.max_tokens, max_length=context)
+    query, history = to_query_and_history(body.messages)
+    return body, query, history, options
+
+
+# ---- relaying a reply -----------------------------------------------------------------------------------------
 
 class ClientGone(Exception):
     pass
 
 
-async def job_events(job: Job, request: Request):
-    """The worker's events for `job`, ending with done/error; ClientGone when the client hangs up first."""
-    last_check = time.monotonic()
-    while True:
-        try:
-            item = await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            item = None
-        if item is None or time.monotonic() - last_check > 0.25:
-            last_check = time.monotonic()
-            if await request.is_disconnected():
-                raise ClientGone()
-        if item is not None:
-            yield item
-            if item[0] in ("done", "error"):
-                return
-
-
-async def wait_result(job: Job, request: Request) -> Result:
+async def submitted(service: ModelService, query: str, history: History, options: GenerationOptions,
+                    param: str) -> Reply:
+    """The request queued and prepared (validated, fitted, tokenized) by the service, off the event loop; 503 with
+    Retry-After when the queue is full, 400 for what the service refuses."""
     try:
-        async for kind, payload in job_events(job, request):
-            if kind == "done":
-                return payload
-            if kind == "error":
-                raise APIError(500, f"generation failed: {type(payload).__name__}: {payload}")
+        reply = service.submit(query, history, options)
+    except QueueFull as e:
+        raise APIError(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    await run_in_threadpool(reply.prepared.wait)
+    if isinstance(reply.error, ContextTooLongError):
+        raise APIError(400, str(reply.error), param=param, code="context_length_exceeded")
+    if isinstance(reply.error, InputError):
+        raise APIError(400, str(reply.error), param=reply.error.field)
+    return reply
+
+
+async def deltas(reply: Reply, request: Request):
+    """The reply's text deltas; ClientGone when the client hangs up first. Leaving early cancels the reply."""
+    items, pending, checked = reply.__aiter__(), None, time.monotonic()
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(items.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=0.25)
+            if time.monotonic() - checked > 0.25:  # also while deltas keep coming
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientGone()
+            if not done:
+                continue
+            try:
+                delta = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield delta
     finally:
-        job.cancelled.set()  # no-op when finished; stops the generation if the client left or we were cancelled
+        reply.cancel()  # a no-op once the reply has ended
+        if pending is not None:
+            pending.cancel()  # ends the iterator, which is inside that task now
+        else:
+            await items.aclose()
 
 
+async def result_of(reply: Reply, request: Request) -> Result:
+    try:
+        async for _ in deltas(reply, request):
+            pass
+    except (ClientGone, InputError, ContextTooLongError):
+        raise
+    except Exception as e:  # a bug or out of memory on the engine thread: 500, the server keeps serving
+        raise APIError(500, f"generation failed: {type(e).__name__}: {e}") from None
+    return reply.result
+
+
+def log_end(reply: Reply, label: str):
+    """One log line per request once its reply has ended (cancelled ones too: the engine drops them next step)."""
+    async def wait_and_log():
+        while not reply.done:
+            await asyncio.sleep(0.05)
+        r = reply.result
+        took = time.monotonic() - reply.submitted
+        if r is None:
+            return
+        if r.finish_reason == "cancelled":
+            log.info("%s: client disconnected; stopped after %d tokens (%.2f s)", label, r.completion_tokens, took)
+        else:
+            log.info("%s: %d prompt + %d completion tokens in %.2f s (%s)", label, r.prompt_tokens,
+                     r.completion_tokens, took, r.finish_reason)
+    asyncio.get_running_loop().create_task(wait_and_log())
 # ---- API key --------------------------------------------------------------------------------------------------
 
 class RequireAPIKey:
@@ -448,222 +461,130 @@ class RequireAPIKey:
 DROPPED_TURNS_HEADER = "X-ChatGLM-Dropped-Turns"
 
 
+def dropped_header(reply: Reply) -> dict:
+    # the reply says when turns were left out of the prompt (the JSON body keeps upstream's exact shape)
+    return {DROPPED_TURNS_HEADER: str(reply.dropped_turns)} if reply.dropped_turns else {}
+
+
+class ChatAPI:
+    """The route handlers, over one model service."""
+
+    def __init__(self, service: ModelService, served_name: str, max_body_bytes: int):
+        self.service, self.served_name, self.max_body_bytes = service, served_name, max_body_bytes
+        self.context = int(service.model.config.max_sequence_length)
+        self.started = int(time.time())
+        self.request_ids = itertools.count(1)
+
+    async def health(self) -> Health:
+        return Health(model=self.served_name, generating=self.service.running > 0, queued=self.service.waiting)
+
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.served_name, created=self.started,
+                                         chatglm=public_model_info(self.service.model))])
+
+    async def upstream_chat(self, request: Request):
+        """Upstream's API: {"prompt", "history", "max_length", "top_p", "temperature"} -> {"response", "history",
+        "status": 200, "time"}. Explicit values are used as given (upstream replaced 0 by the default); optional
+        "repetition_penalty", "top_k" and "stop" as in model.chat."""
+        raw = await read_body(request, self.max_body_bytes)
+        body, query, history, options = await run_in_threadpool(plan_upstream, raw, self.context)
+        reply = await submitted(self.service, query, history, options, "prompt")
+        log_end(reply, f"#{next(self.request_ids)} POST /")
+        try:
+            result = await result_of(reply, request)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        # the caller's whole history comes back, even turns left out of this prompt
+        out = UpstreamResponse(response=result.response, history=[list(turn) for turn in history] +
+                               [[query, result.response]], time=datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
+        return JSONResponse(out.model_dump(), headers=dropped_header(reply))
+
+    async def chat_completions(self, request: Request):
+        raw = await read_body(request, self.max_body_bytes)
+        body, query, history, options = await run_in_threadpool(plan_chat_completion, raw, self.context)
+        reply = await submitted(self.service, query, history, options, "messages")
+        log_end(reply, f"#{next(self.request_ids)} /v1/chat/completions" + (" stream" if body.stream else ""))
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self.events(reply, request, completion_id, created, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **dropped_header(reply)})
+        try:
+            result = await result_of(reply, request)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        out = ChatCompletion(id=completion_id, created=created, model=self.served_name, usage=Usage.of(result),
+                             choices=[Choice(message=AssistantMessage(content=result.response),
+                                             finish_reason=result.finish_reason)])
+        return JSONResponse(out.model_dump(), headers=dropped_header(reply))
+
+    async def events(self, reply: Reply, request: Request, completion_id: str, created: int, include_usage: bool):
+        """The Server-Sent Events of a streamed completion: a role chunk, content chunks, the finish_reason chunk,
+        the usage chunk when asked for, [DONE]."""
+        def chunk(choices, usage: Optional[Usage] = None) -> str:
+            c = ChatCompletionChunk(id=completion_id, created=created, model=self.served_name, choices=choices,
+                                    usage=usage)
+            return f"data: {c.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
+
+        try:
+            yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""), finish_reason=None)])
+            async for text in deltas(reply, request):
+                yield chunk([ChunkChoice(delta=Delta(content=text), finish_reason=None)])
+            yield chunk([ChunkChoice(delta=Delta(), finish_reason=reply.result.finish_reason)])
+            if include_usage:
+                yield chunk([], usage=Usage.of(reply.result))
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            pass
+        except Exception as e:  # after the first byte the status is sent: the error goes in the stream
+            yield f"data: {_json(error_body(f'generation failed: {type(e).__name__}: {e}', 500))}\n\n"
+            yield "data: [DONE]\n\n"
+
+
 def _json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def create_app(tokenizer, model, *, api_key: Optional[str] = None, model_name: Optional[str] = None,
-               max_queue: int = 64, allowed_hosts: Optional[List[str]] = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """allowed_hosts: the Host header values served (None: any); others get 400, which stops DNS rebinding (a web
-    page whose name resolves to 127.0.0.1 reaching this keyless local server)."""
-    context = int(model.config.max_sequence_length)
-    served_name = model_name or ("chatglm-demo" if getattr(model, "is_demo", False) else
-                                 os.path.basename(str(model.name_or_path).rstrip("/\\")) or "chatglm-6b")
-    started = int(time.time())
-    request_ids = itertools.count(1)
-    worker = ModelWorker(tokenizer, model, max_queue)
+async def _api_error(request, e: APIError):
+    return JSONResponse(error_body(e.message, e.status, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request, e: StarletteHTTPException):
+    return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+def served_model_name(model, model_name: Optional[str] = None) -> str:
+    return model_name or ("chatglm-demo" if getattr(model, "is_demo", False) else
+                          os.path.basename(str(model.name_or_path).rstrip("/\\")) or "chatglm-6b")
+
+
+def create_app(service: ModelService, *, api_key: Optional[str] = None, model_name: Optional[str] = None,
+               allowed_hosts: Optional[List[str]] = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The routes over `service` (closed when the app shuts down). allowed_hosts: the Host header values served
+    (None: any); others get 400, which stops DNS rebinding (a web page whose name resolves to 127.0.0.1 reaching
+    this keyless local server)."""
+    api = ChatAPI(service, served_model_name(service.model, model_name), max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        worker.stop()
+        service.close()  # Ctrl-C: every open reply ends, cancelled
 
     app = FastAPI(title="ChatGLM-6B API", lifespan=lifespan)
-    app.state.worker = worker
+    app.state.api = api
     if api_key:
         app.add_middleware(RequireAPIKey, key=api_key)
     if allowed_hosts is not None:  # added last, so it runs first
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return JSONResponse(error_body(e.message, e.status, e.param, e.code), status_code=e.status,
-                            headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    def fit(query: str, history: list, max_length: int, param: str):
-        """(history the model sees, dropped turn count, prompt tokens): the oldest turns go when the conversation
-        would not leave room for a reply; a question that alone does not fit is a 400."""
-        try:
-            kept, dropped = fit_history(tokenizer, query, history, max_length, context)
-        except ContextTooLongError as e:
-            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
-        return kept, dropped, prompt_length(tokenizer, query, kept)
-
-    def checked(**given) -> GenerationOptions:
-        """The generation options of a request, validated by the one set of rules every front door uses."""
-        try:
-            return GenerationOptions.build(**given).validate(model.config)
-        except InputError as e:
-            raise APIError(400, str(e), param=e.field) from None
-
-    def checked_text(text, field: str) -> str:
-        try:
-            return check_text(text, field)
-        except InputError as e:
-            raise APIError(400, str(e), param=e.field) from None
-
-    def dropped_header(dropped: int) -> dict:
-        # the reply says when turns were left out of the prompt (the JSON body keeps upstream's exact shape)
-        return {DROPPED_TURNS_HEADER: str(dropped)} if dropped else {}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": served_name, "generating": worker.current is not None,
-                "queued": worker.queued}
-
-    def plan_upstream(raw: bytes):
-        """(body, the caller's history, Job, dropped turns) for a POST / body; every check and all tokenizing
-        (history fitting too) happen here, in a worker thread, so a huge request never stalls other clients."""
-        body = parse_body(raw, UpstreamRequest)
-        checked_text(body.prompt, "prompt")
-        try:
-            history = check_history(body.history)
-        except InputError as e:
-            raise APIError(400, str(e), param="history") from None
-        o = checked(max_length=min(DEFAULT_MAX_LENGTH, context) if body.max_length is None else body.max_length,
-                    top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
-                    top_k=body.top_k, stop=body.stop)
-        # only the options that were given go to stream_chat (its own defaults are the same values)
-        options = {name: getattr(o, name) for name in ("repetition_penalty", "top_k")
-                   if getattr(body, name) is not None}
-        if o.stop:
-            options["stop"] = list(o.stop)
-        kept, dropped, prompt_tokens = fit(body.prompt, history, o.max_length, "prompt")
-        job = Job(next(request_ids), "POST /", body.prompt, kept, o.max_length, o.top_p, o.temperature,
-                  prompt_tokens, options=options)
-        return body, history, job, dropped
-
-    @app.post("/")
-    async def upstream_chat(request: Request):
-        """Upstream's API: {"prompt", "history", "max_length", "top_p", "temperature"} -> {"response", "history",
-        "status": 200, "time"}. Explicit values are used as given (upstream replaced 0 by the default). Optional
-        "repetition_penalty", "top_k" and "stop" go to stream_chat as they are (the reply is model.chat's)."""
-        raw = await read_body(request, max_body_bytes)
-        body, history, job, dropped = await run_in_threadpool(plan_upstream, raw)
-        job = worker.submit(job)
-        try:
-            result = await wait_result(job, request)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)  # nobody is listening
-        # the caller's whole history comes back, even turns left out of this prompt
-        history_out = [list(pair) for pair in history] + [[body.prompt, result.response]]
-        return JSONResponse({"response": result.response, "history": history_out, "status": 200,
-                             "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}, headers=dropped_header(dropped))
-
-    @app.get("/v1/models")
-    async def list_models():
-        # "chatglm": what is loaded (precision, quantization, P-Tuning prefix); OpenAI clients ignore the extra key
-        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
-                                            "owned_by": "THUDM", "chatglm": public_model_info(model)}]}
-
-    def to_query_and_history(messages: List[Message]):
-        """OpenAI messages -> (query, [(q, a), ...]). System messages are put in front of the first user message
-        (ChatGLM-6B has no system role); consecutive messages of one role are joined by newlines."""
-        for i, m in enumerate(messages):
-            checked_text(m.text, f"messages[{i}].content")
-        system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
-        turns: List[List[str]] = []  # [role, text]
-        for m in messages:
-            if m.role in ("system", "developer"):
-                continue
-            if turns and turns[-1][0] == m.role:
-                turns[-1][1] += "\n" + m.text
-            else:
-                turns.append([m.role, m.text])
-        if not turns or turns[-1][0] != "user":
-            raise APIError(400, "the last message must have role 'user' (the question to answer)", param="messages")
-        if turns[0][0] != "user":
-            raise APIError(400, "the conversation must start with a 'user' message (after any system messages)",
-                           param="messages")
-        if system:
-            turns[0][1] = system + "\n" + turns[0][1]
-        history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
-        query = turns[-1][1]
-        if not query.strip():
-            raise APIError(400, "the last user message is empty", param="messages")
-        return query, history
-
-    def plan_chat_completion(raw: bytes):
-        """(body, Job, dropped turns) for a /v1/chat/completions body; checks and tokenizing in a worker thread."""
-        body = parse_body(raw, ChatCompletionRequest)
-        o = checked(top_p=body.top_p, temperature=body.temperature, repetition_penalty=body.repetition_penalty,
-                    top_k=0 if body.top_k == -1 else body.top_k,  # -1 = no limit, as vLLM
-                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                    logit_bias=body.logit_bias, seed=body.seed, stop=body.stop,
-                    max_new_tokens=body.max_completion_tokens or body.max_tokens, max_length=context)
-        options = {name: getattr(o, name) for name in ("repetition_penalty", "top_k")
-                   if getattr(body, name) is not None}
-        penalties = {name: getattr(o, name) for name in ("frequency_penalty", "presence_penalty") if getattr(o, name)}
-        query, history = to_query_and_history(body.messages)
-        history, dropped, prompt_tokens = fit(query, history, context, "messages")
-        job = Job(
-            next(request_ids), "/v1/chat/completions" + (" stream" if body.stream else ""), query, history,
-            min(context, prompt_tokens + o.max_new_tokens) if o.max_new_tokens else context, o.top_p, o.temperature,
-            prompt_tokens, stream=bool(body.stream), stop=list(o.stop), seed=o.seed,
-            logit_bias=dict(o.logit_bias) or None, penalties=penalties or None, options=options)
-        return body, job, dropped
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        raw = await read_body(request, max_body_bytes)
-        body, job, dropped = await run_in_threadpool(plan_chat_completion, raw)
-        job = worker.submit(job)
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def usage(r: Result) -> dict:
-            return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                    "total_tokens": r.prompt_tokens + r.completion_tokens}
-
-        if not body.stream:
-            try:
-                result = await wait_result(job, request)
-            except ClientGone:
-                return JSONResponse({}, status_code=499)
-            return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created,
-                                 "model": served_name,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.response},
-                                              "finish_reason": result.finish_reason}],
-                                 "usage": usage(result)}, headers=dropped_header(dropped))
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(delta: dict, finish_reason=None, **extra) -> str:
-            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served_name,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-            if include_usage and "usage" not in extra:
-                obj["usage"] = None
-            return f"data: {_json(obj)}\n\n"
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for kind, payload in job_events(job, request):
-                    if kind == "delta":
-                        yield chunk({"content": payload})
-                    elif kind == "done":
-                        yield chunk({}, payload.finish_reason)
-                        if include_usage:
-                            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": served_name, "choices": [], "usage": usage(payload)}
-                            yield f"data: {_json(obj)}\n\n"
-                    elif kind == "error":
-                        yield f"data: {_json(error_body(f'generation failed: {payload}', 500))}\n\n"
-                yield "data: [DONE]\n\n"
-            except ClientGone:
-                pass
-            finally:
-                job.cancelled.set()  # the client closed the stream (or the server is stopping): stop generating
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          **dropped_header(dropped)})
-
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/", api.upstream_chat, methods=["POST"])
+    app.add_api_route("/v1/models", api.list_models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     return app
 
 
@@ -704,12 +625,14 @@ def main(argv=None):
         allowed = [name.strip() for name in args.allowed_hosts.split(",") if name.strip()]
     else:
         allowed = sorted({*LOOPBACK_HOSTS, "[::1]", args.host}) if loopback else None
-    app = create_app(tokenizer, model, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue,
-                     allowed_hosts=allowed, max_body_bytes=args.max_body_bytes)
+    service = ModelService(model, tokenizer, max_queue=args.max_queue, kv_budget=kv_budget_bytes(args))
+    app = create_app(service, api_key=args.api_key, model_name=args.model_name, allowed_hosts=allowed,
+                     max_body_bytes=args.max_body_bytes)
 
     import uvicorn
     log.info("ChatGLM-6B API on http://%s:%d (POST /, /v1/chat/completions, /v1/models, /health); %s",
              args.host, args.port, describe_model(model))
+    log.info("%s", service.describe())
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
     return 0
 

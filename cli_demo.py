@@ -14,12 +14,12 @@ import sys
 import threading
 import time
 
-from chatglm.context import ContextTooLongError, fit_history
+from chatglm.context import ContextTooLongError
 from chatglm.model_info import describe_model
 from chatglm.options import add_generation_args, add_model_args, check_generation_options, generation_kwargs, \
     load_from_args
-from chatglm.validation import InputError, check_text
-from utils import TextDeltas
+from chatglm.service import ModelService
+from chatglm.validation import GenerationOptions, InputError, check_text
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 WELCOME_EN = "Type a message to chat; 'clear' clears the history, 'stop' exits, Ctrl-C stops a reply."
@@ -75,20 +75,41 @@ def deliver_ctrl_c_at_the_prompt() -> threading.Event:
     return at_prompt
 
 
-def reply(model, tokenizer, query, history, args):
+def submit(service, query, history, options):
+    """The queued reply, once the service has checked it and fitted the history; None (after saying why) when
+    the message cannot be answered."""
+    reply = service.submit(query, history, options)
+    try:
+        reply.prepared.wait()
+    except KeyboardInterrupt:
+        reply.cancel()
+        raise
+    if isinstance(reply.error, InputError):
+        print(f"（输入无效 / not sent: {reply.error}）")
+    elif isinstance(reply.error, ContextTooLongError):
+        print(f"（输入过长 / message too long: {reply.error}）")
+    elif reply.error is None:
+        if reply.dropped_turns:
+            print(f"（对话过长，已忘记最早的 {reply.dropped_turns} 轮 / dropped the {reply.dropped_turns} oldest "
+                  f"turn(s) to fit）")
+        return reply
+    return None
+
+
+def show_reply(reply, query, history):
     """Streams one answer to stdout and returns the new history. Ctrl-C stops generation and keeps what was shown."""
     print(BOT_LABEL, end="", flush=True)
-    deltas, response, new_history = TextDeltas(), "", None
-    gen = model.stream_chat(tokenizer, query, history, **generation_kwargs(args))
+    shown = ""
     try:
-        for response, new_history in gen:
-            print(deltas.step(response), end="", flush=True)
-        print(deltas.finish(response), flush=True)
-        return new_history if new_history is not None else history
+        for delta in reply:
+            shown += delta  # before printing: a Ctrl-C during print() keeps what may be on screen
+            print(delta, end="", flush=True)
+        print(flush=True)
+        return reply.result.history
     except KeyboardInterrupt:  # also one that arrives as the reply ends: it is then shown whole and kept
-        gen.close()  # stops decoding now
+        reply.cancel()  # stops decoding now
         print(INTERRUPTED, flush=True)
-        return history + [(query, deltas.sent)] if deltas.sent else history
+        return reply.history + [(query, shown)] if shown else history
 
 
 def main(argv=None):
@@ -113,6 +134,12 @@ def main(argv=None):
     except ImportError:
         pass
 
+    options = GenerationOptions.build(**generation_kwargs(args))
+    with ModelService(model, tokenizer) as service:  # closed on the way out: Ctrl-C/Ctrl-D at the prompt, `stop`
+        return chat_loop(service, model, options)
+
+
+def chat_loop(service, model, options) -> int:
     history = []
     greet(model, notice=False)  # load_model has just printed the demo notice
     at_prompt = deliver_ctrl_c_at_the_prompt()
@@ -136,19 +163,17 @@ def main(argv=None):
             greet(model)
             continue
         try:
-            check_text(query, "the message")
+            check_text(query, "the message")  # named as the user sees it; the service checks it again
         except InputError as e:
             print(f"（输入无效 / not sent: {e}）")
             continue
         try:
-            history, dropped = fit_history(tokenizer, query, history, args.max_length,
-                                           model.config.max_sequence_length)
-        except ContextTooLongError as e:
-            print(f"（输入过长 / message too long: {e}）")
+            reply = submit(service, query, history, options)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, flush=True)
             continue
-        if dropped:
-            print(f"（对话过长，已忘记最早的 {dropped} 轮 / dropped the {dropped} oldest turn(s) to fit）")
-        history = reply(model, tokenizer, query, history, args)
+        if reply is not None:
+            history = show_reply(reply, query, history)
 
 
 if __name__ == "__main__":

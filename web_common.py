@@ -1,5 +1,5 @@
 """What web_demo.py and web_demo_old.py share: options, the demo-model notice, the generation controls, safe
-rendering of chat text and one queued, stoppable chat turn.
+rendering of chat text, and one stoppable chat turn on the process's model service (the events both pages wire).
 
 Both pages keep the raw (query, reply) pairs in a gr.State (Conversation) and only ever show escaped copies, so model output can
 never inject HTML into the page while Markdown (emphasis, lists, code blocks) still renders.
@@ -11,18 +11,19 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
 import gradio as gr
 from markdown_it import MarkdownIt
 from mdit_py_plugins.dollarmath import dollarmath_plugin
 
-from chatglm.context import ContextTooLongError, fit_history
+from chatglm.context import ContextTooLongError
 from chatglm.loading import ModelLoadError
 from chatglm.model_info import describe_model
-from chatglm.options import add_model_args, add_server_args, load_from_args
-from chatglm.validation import GenerationOptions, InputError, check_text
+from chatglm.options import add_model_args, add_server_args, kv_budget_bytes, load_from_args
+from chatglm.service import ModelService, QueueFull, Reply
+from chatglm.validation import GenerationOptions, InputError
 
 # upstream's slider ranges and defaults
 MAX_LENGTH = dict(minimum=0, maximum=4096, value=2048, step=1)
@@ -166,63 +167,13 @@ def render_typed(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One model, many browser tabs: turns run one at a time, first come first served.
+# One model service for every tab: the engine answers all of them at once (continuous batching).
 
-class ModelQueue:
-    """First-come-first-served access to the model. Waiting is a poll, so a waiting turn can still be stopped."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._line = deque()
-
-    def join(self, ticket):
-        with self._cond:
-            self._line.append(ticket)
-
-    def wait_turn(self, ticket, timeout: float) -> int:
-        """Turns ahead of `ticket` after waiting up to `timeout` seconds (0: its turn has come)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._line[0] is ticket, timeout)
-            return self._line.index(ticket)
-
-    def leave(self, ticket):
-        with self._cond:
-            self._line.remove(ticket)
-            self._cond.notify_all()
-
-
-MODEL_QUEUE = ModelQueue()
-
-
-class Waiting(int):
-    """Yielded by stream_reply instead of text while other chats hold the model: the number of turns ahead."""
-
-
-def stream_reply(model, tokenizer, query: str, history: list, max_length, top_p, temperature, queue=MODEL_QUEUE,
-                 **options):
-    """Yields Waiting(n) while n turns are ahead (telling the user once), then the reply so far after every token.
-    `options`: more keyword arguments of stream_chat (repetition_penalty, top_k, stop).
-
-    Closing this generator (Stop, Clear, a closed tab) leaves the queue and closes model.stream_chat, which ends
-    generation at once. Temperature 0 means greedy decoding (stream_chat handles it)."""
-    ticket = object()
-    queue.join(ticket)
-    try:
-        told = False
-        while (ahead := queue.wait_turn(ticket, timeout=0.2)) > 0:
-            if not told:
-                gr.Info(f"Waiting for {ahead} other chat(s) to finish first.")
-                told = True
-            yield Waiting(ahead)
-        steps = model.stream_chat(tokenizer, query, history, max_length=int(max_length), top_p=float(top_p),
-                                  temperature=float(temperature), **options)
-        try:
-            for response, _ in steps:
-                yield response
-        finally:
-            steps.close()
-    finally:
-        queue.leave(ticket)
+def start_service(args: argparse.Namespace, tokenizer, model) -> ModelService:
+    """The page's model service (one per process), its KV budget printed at start-up."""
+    service = ModelService(model, tokenizer, kv_budget=kv_budget_bytes(args))
+    print(service.describe(), flush=True)
+    return service
 
 
 class Refused(Exception):
@@ -241,50 +192,53 @@ def _slider(value, integer=False):
     return value
 
 
-def generation_options(top_p, temperature, repetition_penalty, top_k, stop) -> dict:
-    """stream_chat's keyword arguments for the added controls; Refused names a value generation can't use."""
+def generation_options(config, max_length, top_p, temperature, repetition_penalty, top_k, stop) -> GenerationOptions:
+    """The controls' values as GenerationOptions; Refused names a value generation can't use. A Maximum length
+    beyond the model's context (upstream's slider goes to 4096) is lowered to it, with a notice."""
     try:
-        o = GenerationOptions.build(top_p=_slider(top_p), temperature=_slider(temperature),
-                                    repetition_penalty=_slider(repetition_penalty),
+        o = GenerationOptions.build(max_length=_slider(max_length, integer=True), top_p=_slider(top_p),
+                                    temperature=_slider(temperature), repetition_penalty=_slider(repetition_penalty),
                                     top_k=_slider(top_k, integer=True),
                                     stop=parse_stop(stop) if isinstance(stop, (str, type(None))) else stop).validate()
     except InputError as e:
         raise Refused(f"Your message was not sent: {e}.") from None
-    return dict(repetition_penalty=o.repetition_penalty, top_k=o.top_k, stop=list(o.stop))
+    if o.max_length > config.max_sequence_length:
+        gr.Info(f"Maximum length {o.max_length} is beyond this model's context; using {config.max_sequence_length}.")
+        o = o.with_(max_length=config.max_sequence_length)
+    return o
 
 
-def plan_turn(model, tokenizer, query: str, history: list, max_length):
-    """(turns the model will see, Maximum length it can honour) for one message; raises Refused when the message
-    can't be answered (the pages then leave it in the text box, so nothing typed is lost)."""
+def submit_turn(service: ModelService, query: str, history: list, options: GenerationOptions) -> Reply:
+    """The message queued on the service and prepared (checked, fitted, tokenized on the service's thread);
+    Refused when it can't be answered (the pages then leave it in the text box, so nothing typed is lost)."""
+    if isinstance(query, str) and not query.strip():
+        raise Refused("")
     try:
-        if not check_text(query, "message").strip():
-            raise Refused("")
-        max_length = GenerationOptions.build(max_length=_slider(max_length, integer=True)).validate().max_length
-    except InputError as e:
+        reply = service.submit(query, history, options)
+    except QueueFull as e:
         raise Refused(f"Your message was not sent: {e}.") from None
-    context = model.config.max_sequence_length
-    if max_length > context:  # upstream's slider goes to 4096; the model can't
-        gr.Info(f"Maximum length {max_length} is beyond this model's context; using {context}.")
-        max_length = context
-    try:
-        kept, _ = fit_history(tokenizer, query, history, max_length, context)
-    except ContextTooLongError as e:
-        raise Refused(f"Your message cannot be answered: {e}.") from None
-    if len(kept) < len(history):
-        gr.Info(f"The oldest {len(history) - len(kept)} turn(s) are left out of the prompt so the reply fits in "
-                f"Maximum length {max_length}.")
-    return kept, max_length
+    reply.prepared.wait()
+    if isinstance(reply.error, ContextTooLongError):
+        raise Refused(f"Your message cannot be answered: {reply.error}.")
+    if isinstance(reply.error, InputError):
+        raise Refused(f"Your message was not sent: {reply.error}.")
+    if reply.dropped_turns:
+        gr.Info(f"The oldest {reply.dropped_turns} turn(s) are left out of the prompt so the reply fits in "
+                f"Maximum length {options.max_length}.")
+    return reply
 
 
 @dataclass
 class Conversation:
     """One tab's chat, kept in a gr.State: the raw (query, reply) turns. Clear bumps `epoch`, so a reply still
     streaming stops writing into a conversation that is gone; `streaming` tells Clear when it has let go. Stop sets
-    `stopped_at` (time.monotonic()), which ends the turn running then, or starting within STOP_GRACE seconds."""
+    `stopped_at` (time.monotonic()), which ends the turn running then, or starting within STOP_GRACE seconds.
+    `reply`: the turn being generated, which Stop and Clear cancel."""
     turns: list = field(default_factory=list)
     epoch: int = 0
     streaming: bool = False
     stopped_at: float = float("-inf")
+    reply: Optional[Reply] = None
 
 
 # A Stop clicked this long before a turn starts still stops it: Stop pressed right after sending can reach the
@@ -295,59 +249,74 @@ STOP_GRACE = 1.0
 _CONVERSATIONS = threading.Condition()  # guards every Conversation (tiny critical sections)
 
 
-def turn_handler(model, tokenizer, render):
+def _start(conversation: Conversation, query: str, reply: Reply, render):
+    """Adds the turn to the conversation; (epoch, start time, the view with the message shown)."""
+    with _CONVERSATIONS:
+        conversation.turns.append((query, ""))
+        conversation.streaming, conversation.reply = True, reply
+        return conversation.epoch, time.monotonic(), render(conversation.turns)
+
+
+def _show(conversation: Conversation, epoch: int, started: float, query: str, text: str, render):
+    """(ended, view) for the reply so far: ended once Clear or Stop came; then the view is the stored turns,
+    which hold exactly what the browser was sent."""
+    with _CONVERSATIONS:
+        ended = conversation.epoch != epoch or conversation.stopped_at >= started - STOP_GRACE
+        if not ended:
+            conversation.turns[-1] = (query, text)
+        return ended, render(conversation.turns)
+
+
+def turn_handler(service: ModelService, render):
     """The Gradio handler of a sent message on both pages: yields (text box, conversation view) as the reply
     streams. `render` makes the page's view (its chat component's value) from the raw turns."""
     def handle(query, conversation: Conversation, max_length, top_p, temperature, repetition_penalty, top_k, stop):
         try:
-            kept, max_length = plan_turn(model, tokenizer, query, list(conversation.turns), max_length)
-            options = generation_options(top_p, temperature, repetition_penalty, top_k, stop)
+            options = generation_options(service.model.config, max_length, top_p, temperature, repetition_penalty,
+                                         top_k, stop)
+            reply = submit_turn(service, query, list(conversation.turns), options)
         except Refused as problem:  # nothing is sent and the text stays in the box
             if str(problem):
                 gr.Warning(str(problem))
             yield gr.skip(), gr.skip()
             return
-        with _CONVERSATIONS:
-            epoch, started = conversation.epoch, time.monotonic()
-            conversation.turns.append((query, ""))
-            conversation.streaming = True
-            view = render(conversation.turns)
-        replies = stream_reply(model, tokenizer, query, kept, max_length, top_p, temperature, **options)
+        epoch, started, view = _start(conversation, query, reply, render)
         try:
             yield "", view  # the message shows at once, even while other chats go first
-            for reply in replies:
-                with _CONVERSATIONS:
-                    cleared = conversation.epoch != epoch
-                    stopped = conversation.stopped_at >= started - STOP_GRACE
-                    if cleared or stopped:  # `reply` is dropped: the turns keep what the browser was sent
-                        view = render(conversation.turns)
-                    elif isinstance(reply, Waiting):
-                        view = gr.skip()  # nothing new, but a point where Stop can close us
-                    else:
-                        conversation.turns[-1] = (query, reply)
-                        view = render(conversation.turns)
-                if cleared or stopped:
-                    # This stream's last update is the view Clear or Stop left: a browser still painting earlier
-                    # updates of this stream (they queue up while it is busy) then ends on it rather than on a stale
-                    # reply, and what it shows is exactly the history the next turn sees.
-                    replies.close()
-                    yield gr.skip(), view
-                    return
+            text, ended = "", False
+            for delta in reply:
+                text += delta
+                ended, view = _show(conversation, epoch, started, query, text, render)
+                if ended:
+                    break
+                yield gr.skip(), view
+            ended, view = _show(conversation, epoch, started, query, text, render)
+            if ended:
+                # This stream's last update is the view Clear or Stop left: a browser still painting earlier
+                # updates of this stream (they queue up while it is busy) then ends on it rather than on a stale
+                # reply, and what it shows is exactly the history the next turn sees.
                 yield gr.skip(), view
         finally:
-            replies.close()  # ends generation (Stop, Clear, a closed tab) and leaves the model queue
+            reply.cancel()  # ends generation (Stop, Clear, a closed tab); a no-op once the reply is complete
             with _CONVERSATIONS:
-                conversation.streaming = False
+                conversation.streaming, conversation.reply = False, None
                 _CONVERSATIONS.notify_all()
     return handle
 
 
+def _cancel_reply(conversation: Conversation):
+    if conversation.reply is not None:
+        conversation.reply.cancel()
+
+
 def stop_handler(conversation: Conversation):
     """The Gradio handler of Stop. Not a Gradio cancel: cancelling a turn that has sent nothing yet marks the page
-    with error badges, and a cancelled turn may have stored a longer reply than the browser got. Instead the turn
-    sees `stopped_at`, ends generation and sends the stored conversation as its last update (see turn_handler)."""
+    with error badges, and a cancelled turn may have stored a longer reply than the browser got. Instead Stop
+    cancels the reply on the service; the turn sees `stopped_at` and sends the stored conversation as its last
+    update (see turn_handler)."""
     with _CONVERSATIONS:
         conversation.stopped_at = time.monotonic()
+        _cancel_reply(conversation)
 
 
 def clear_handler(render):
@@ -358,6 +327,17 @@ def clear_handler(render):
         with _CONVERSATIONS:
             conversation.epoch += 1
             conversation.turns = []
+            _cancel_reply(conversation)
             _CONVERSATIONS.wait_for(lambda: not conversation.streaming, timeout=5)
         return render([])
     return clear
+
+
+def connect(service: ModelService, render, *, sends, query, conversation, controls, view, stop, clears):
+    """The events both pages wire the same way: a message sent (`sends`: its triggers), Stop, Clear (`clears`)."""
+    gr.on(sends, turn_handler(service, render), inputs=[query, conversation, *controls], outputs=[query, view],
+          concurrency_limit=None,  # the model service, not Gradio, lines the turns up
+          trigger_mode="always_last")  # a message sent during a reply goes once the reply ends
+    stop.click(stop_handler, inputs=[conversation], outputs=None, concurrency_limit=None, show_progress="hidden")
+    for clicked in clears:
+        clicked(clear_handler(render), inputs=[conversation], outputs=[view], concurrency_limit=None)

@@ -26,10 +26,10 @@ def chat_view(value=None) -> gr.Chatbot:
                       feedback_options=None, buttons=["copy"])
 
 
-def build_demo(tokenizer, model) -> gr.Blocks:
+def build_demo(service) -> gr.Blocks:
     with gr.Blocks(title="ChatGLM", analytics_enabled=False) as demo:
         gr.HTML('<h1 align="center">ChatGLM</h1>')
-        web.add_notice(model)
+        web.add_notice(service.model)
         chatbot = chat_view()
         conversation = gr.State(web.Conversation())  # one per tab
         with gr.Row():
@@ -44,23 +44,20 @@ def build_demo(tokenizer, model) -> gr.Blocks:
                 max_length, top_p, temperature = web.add_sliders()
                 repetition_penalty, top_k, stop_strings = web.add_more_controls()
 
-        gr.on([submit.click, query.submit], web.turn_handler(model, tokenizer, render=messages),
-                     inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
-                             stop_strings], outputs=[query, chatbot],
-                     concurrency_limit=None,  # web.MODEL_QUEUE, not Gradio, lines the turns up
-                     trigger_mode="always_last")  # a message sent during a reply goes once the reply ends
-        stop.click(web.stop_handler, inputs=[conversation], outputs=None, concurrency_limit=None,
-                   show_progress="hidden")
-        for clicked in (clear.click, chatbot.clear):  # Clear History, and the chatbot's own trash-can button
-            clicked(web.clear_handler(render=messages), inputs=[conversation], outputs=[chatbot],
-                    concurrency_limit=None)
+        web.connect(service, messages, sends=[submit.click, query.submit], query=query, conversation=conversation,
+                    controls=[max_length, top_p, temperature, repetition_penalty, top_k, stop_strings], view=chatbot,
+                    stop=stop, clears=[clear.click, chatbot.clear])  # Clear History and the chatbot's trash can
     return demo
 
 
 def main(argv=None):
     args = web.parse_args(__doc__.splitlines()[0], argv)
     tokenizer, model = web.load(args)
-    web.launch(build_demo(tokenizer, model), args)
+    service = web.start_service(args, tokenizer, model)
+    try:
+        web.launch(build_demo(service), args)
+    finally:
+        service.close()  # Ctrl-C: replies still streaming end, cancelled
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ def transcript_view(value="") -> gr.Markdown:
     return gr.Markdown(value, elem_id="transcript", min_height=200, line_breaks=True)
 
 
-def build_demo(tokenizer, model) -> gr.Blocks:
+def build_demo(service) -> gr.Blocks:
     with gr.Blocks(title="ChatGLM-6B", analytics_enabled=False) as demo:
         gr.Markdown("# ChatGLM-6B")
-        web.add_notice(model)
+        web.add_notice(service.model)
         conversation = gr.State(web.Conversation())
         # the conversation first, the controls below it, as upstream laid this page out
         shown = transcript_view()
@@ -41,21 +41,20 @@ def build_demo(tokenizer, model) -> gr.Blocks:
                 max_length, top_p, temperature = web.add_sliders()
                 repetition_penalty, top_k, stop_strings = web.add_more_controls()
 
-        gr.on([generate.click, query.submit], web.turn_handler(model, tokenizer, render=transcript),
-                     inputs=[query, conversation, max_length, top_p, temperature, repetition_penalty, top_k,
-                             stop_strings], outputs=[query, shown],
-                     concurrency_limit=None, trigger_mode="always_last")  # sent during a reply: goes after it
-        stop.click(web.stop_handler, inputs=[conversation], outputs=None, concurrency_limit=None,
-                   show_progress="hidden")
-        clear.click(web.clear_handler(render=transcript), inputs=[conversation], outputs=[shown],
-                    concurrency_limit=None)
+        web.connect(service, transcript, sends=[generate.click, query.submit], query=query,
+                    conversation=conversation, view=shown, stop=stop, clears=[clear.click],
+                    controls=[max_length, top_p, temperature, repetition_penalty, top_k, stop_strings])
     return demo
 
 
 def main(argv=None):
     args = web.parse_args(__doc__.splitlines()[0], argv)
     tokenizer, model = web.load(args)
-    web.launch(build_demo(tokenizer, model), args)
+    service = web.start_service(args, tokenizer, model)
+    try:
+        web.launch(build_demo(service), args)
+    finally:
+        service.close()  # Ctrl-C: replies still streaming end, cancelled
 
 
 if __name__ == "__main__":

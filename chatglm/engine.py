@@ -49,6 +49,7 @@ class Sequence:
                  processors: Seq = (), stopping_criteria: Optional[Callable] = None):
         self.ids, self.n_prompt, self.options = list(prompt_ids), len(prompt_ids), options
         limit = self.n_prompt + options.max_new_tokens if options.max_new_tokens else options.max_length
+        limit = min(limit, config.max_sequence_length)  # max_new_tokens never reaches past the context
         self.max_length = max(limit, self.n_prompt + 1)  # a prompt at the limit still gets one token, as before
         self.context_length, self.mask_position = glm_anchors(self.ids, config)
         self.eos, self.pre_seq_len = config.eos_token_id, config.pre_seq_len or 0

@@ -36,6 +36,9 @@ def add_server_args(parser: argparse.ArgumentParser, port: int, share: bool = Fa
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; use 0.0.0.0 to serve other machines)")
     g.add_argument("--port", type=int, default=port, help=f"port to bind (default {port})")
+    g.add_argument("--kv-budget", type=_positive_float, default=None, metavar="GIB",
+                   help="memory for the replies' KV caches, in GiB; requests beyond it wait (default: a third of "
+                        "the free RAM, or half the free GPU memory)")
     if share:
         g.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     return parser
@@ -51,6 +54,22 @@ def load_from_args(args: argparse.Namespace):
     return load_model(args.model_path, device=args.device, dtype=args.dtype, quantize=args.quantize,
                       pre_seq_len=args.pre_seq_len, ptuning_checkpoint=args.ptuning_checkpoint,
                       quantize_embeddings=quantize_embeddings)
+
+
+def kv_budget_bytes(args: argparse.Namespace):
+    """--kv-budget in bytes (None: the engine's default from free memory)."""
+    gib = getattr(args, "kv_budget", None)
+    return None if gib is None else int(gib * 2**30)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -56,6 +56,7 @@ class Reply:
         self.cancelled = False
         self.dropped_turns = 0
         self.admitted = False  # taken off the queue by the engine
+        self.prepared = threading.Event()  # set once validated, fitted and tokenized (or refused: .error)
         self._deltas = TextDeltas()
         self._items: deque = deque()
         self._lock = threading.Condition()
@@ -141,6 +142,7 @@ class Reply:
 
     def _fail(self, error: BaseException):
         self.error = error
+        self.prepared.set()
         self._push(_END)
 
 
@@ -171,10 +173,21 @@ class ModelService:
     def kv_bytes_per_token(self) -> int:
         return self.engine.bytes_per_token
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted but not yet generating."""
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Replies being generated now."""
+        return len(self.engine.running)
+
     def describe(self) -> str:
         """One start-up line: the KV budget and what it holds."""
         per_seq = self.model.config.max_sequence_length * self.kv_bytes_per_token
-        return (f"KV cache budget {self.kv_budget / 2**30:.1f} GiB ({self.kv_bytes_per_token / 2**10:.0f} KiB per "
+        size = f"{self.kv_budget / 2**30:.1f} GiB" if self.kv_budget >= 2**30 else f"{self.kv_budget / 2**20:.1f} MiB"
+        return (f"KV cache budget {size} ({self.kv_bytes_per_token / 2**10:.0f} KiB per "
                 f"token; {self.kv_budget // per_seq} full-context replies at once, more for shorter ones)")
 
     def submit(self, query: str, history: Optional[History] = None, options: Optional[GenerationOptions] = None,
@@ -220,6 +233,7 @@ class ModelService:
                 reply._fail(e)
                 continue
             reply.seq.cancelled = reply.cancelled
+            reply.prepared.set()
             self._inbox.put(reply)
 
     def _prepare(self, reply: Reply) -> Sequence:

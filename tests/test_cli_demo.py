@@ -142,7 +142,7 @@ def test_long_conversations_drop_the_oldest_turns(ref):
 def test_streamed_pieces_add_up_to_the_final_reply(raw):
     """Post-processing rewrites earlier characters (",世" -> "，世", the date placeholder, half-decoded bytes);
     what was printed must never need taking back."""
-    from utils import TextDeltas
+    from chatglm.text import TextDeltas
     partials = [process_response(raw[:i]) for i in range(1, len(raw) + 1)]
     if "😀" in raw:  # a multi-byte character decodes as U+FFFD until its last byte is in
         partials.insert(partials.index(process_response(raw[:raw.index("😀") + 1])), raw[:raw.index("😀")] + "\ufffd")
