@@ -6,12 +6,10 @@ latency grew each turn, then generation failed). Every front door calls fit_hist
 The work is bounded by the context, not by what a client sends: a query far longer than the context is refused
 by its character count, and turns are measured newest first, each once, only until the budget is spent.
 """
-from typing import List, Tuple
 
-from .text import build_prompt
+from .text import History, build_prompt
 from .tokenization import MAX_BLANK
 
-History = List[Tuple[str, str]]
 
 # No token covers more characters than a run of MAX_BLANK spaces (<|blank_80|>); real pieces are far shorter.
 # A text longer than limit * this is over the limit however it tokenizes.
