@@ -176,6 +176,17 @@ def start_service(args: argparse.Namespace, tokenizer, model) -> ModelService:
     return service
 
 
+def serve(description: str, build_demo, argv=None):
+    """A page's main(): parse the options, load the model, serve build_demo(service) until Ctrl-C."""
+    args = parse_args(description, argv)
+    tokenizer, model = load(args)
+    service = start_service(args, tokenizer, model)
+    try:
+        launch(build_demo(service), args)
+    finally:
+        service.close()  # Ctrl-C: replies still streaming end, cancelled
+
+
 class Refused(Exception):
     """A message that gets a warning instead of a reply (str: the warning, empty for an empty message)."""
 

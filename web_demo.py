@@ -51,13 +51,7 @@ def build_demo(service) -> gr.Blocks:
 
 
 def main(argv=None):
-    args = web.parse_args(__doc__.splitlines()[0], argv)
-    tokenizer, model = web.load(args)
-    service = web.start_service(args, tokenizer, model)
-    try:
-        web.launch(build_demo(service), args)
-    finally:
-        service.close()  # Ctrl-C: replies still streaming end, cancelled
+    web.serve(__doc__.splitlines()[0], build_demo, argv)
 
 
 if __name__ == "__main__":
