@@ -38,7 +38,7 @@ from bench import GEOMETRY, build_checkpoint  # noqa: E402
 
 PRECISIONS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "8"],
               "int4": ["--quantize", "4"]}
-PROMPT_CHARS = (40, 400, 2000)  # short, medium, long; cycled over the requests
+PROMPT_CHARS = "40,400,2000"  # short, medium, long; cycled over the requests
 
 
 def serving_checkpoint(workdir: str, layers: int):
@@ -156,15 +156,15 @@ def one_request(url: str, prompt: str, new_tokens: int, bias: dict, stream: bool
     return {"tokens": tokens, "ttft": None if first is None else first - sent, "per_token": per_token}
 
 
-def prompts(n: int):
+def prompts(n: int, lengths):
     with open(os.path.join(ROOT, "chatglm", "demo_corpus.txt"), encoding="utf-8") as f:
         text = " ".join(line.strip() for line in f if line.strip())
-    return [(text * (1 + PROMPT_CHARS[i % 3] // len(text)))[:PROMPT_CHARS[i % 3]] for i in range(n)]
+    return [(text * (1 + lengths[i % len(lengths)] // len(text)))[:lengths[i % len(lengths)]] for i in range(n)]
 
 
-def run_level(url: str, clients: int, requests: int, new_tokens: int, bias: dict) -> dict:
+def run_level(url: str, clients: int, requests: int, new_tokens: int, bias: dict, lengths) -> dict:
     results, errors = [], []
-    texts = prompts(clients * requests)
+    texts = prompts(clients * requests, lengths)
 
     def client(c):
         for r in range(requests):
@@ -204,6 +204,8 @@ def main():
     p.add_argument("--clients", default="1,2,4,8,16", help="client counts to run, one after another")
     p.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
     p.add_argument("--new-tokens", type=int, default=64, help="completion tokens per request")
+    p.add_argument("--prompt-chars", default=PROMPT_CHARS,
+                   help="prompt lengths in characters, cycled over the requests (one value: every prompt alike)")
     p.add_argument("--kv-budget", default=None, help="api.py's --kv-budget, GiB (default: its own)")
     p.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "chatglm", "bench"))
     p.add_argument("--json", help="also write every row to this file")
@@ -213,24 +215,31 @@ def main():
     if unknown:
         p.error(f"unknown precision(s) {','.join(unknown)}; choose from {','.join(PRECISIONS)}")
     clients = [int(x) for x in args.clients.split(",")]
+    lengths = [int(x) for x in args.prompt_chars.split(",")]
     folder, tokenizer = serving_checkpoint(args.workdir, args.layers)
     with open(os.path.join(folder, "config.json")) as f:
         bias = visible_bias(tokenizer, json.load(f)["eos_token_id"])
     extra = ["--kv-budget", args.kv_budget] if args.kv_budget else []
     print(f"api.py on a random ChatGLM-6B-geometry checkpoint, {args.layers} layer(s); {args.requests} request(s) "
-          f"per client, {args.new_tokens} new tokens each, prompts of {PROMPT_CHARS} characters, every other one "
-          f"streamed")
+          f"per client, {args.new_tokens} new tokens each, prompts of {args.prompt_chars} characters, every other "
+          f"one streamed; 'x tok/s' and 'x TTFT p95' are ratios to the first client count's tok/s and TTFT p95")
     rows = []
     for precision in precisions:
         server = Server(folder, PRECISIONS[precision], os.path.join(args.workdir, f"serving-{precision}.log"), extra)
         try:
             print(f"\n{precision}: {server.kv_budget()}")
-            print(f"{'clients':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ms/tok p50':>10} {'ms/tok p95':>10}")
+            print(f"{'clients':>7} {'tok/s':>9} {'x tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'x TTFT p95':>10} "
+                  f"{'ms/tok p50':>10} {'ms/tok p95':>10}")
+            first = None
             for n in clients:
                 row = {"precision": precision, "layers": args.layers, **run_level(server.url, n, args.requests,
-                                                                                  args.new_tokens, bias)}
+                                                                                  args.new_tokens, bias, lengths)}
+                first = first or row
+                row["x_tokens_per_s"] = row["tokens_per_s"] / first["tokens_per_s"]
+                row["x_ttft_p95"] = row["ttft_p95"] / first["ttft_p95"]
                 rows.append(row)
-                print(f"{n:>7} {row['tokens_per_s']:>9.1f} {row['ttft_p50']:>8.2f}s {row['ttft_p95']:>8.2f}s "
+                print(f"{n:>7} {row['tokens_per_s']:>9.1f} {row['x_tokens_per_s']:>7.2f}x {row['ttft_p50']:>8.2f}s "
+                      f"{row['ttft_p95']:>8.2f}s {row['x_ttft_p95']:>9.2f}x "
                       f"{1000 * row['per_token_p50']:>10.1f} {1000 * row['per_token_p95']:>10.1f}"
                       + (f"  {len(row['errors'])} error(s): {row['errors'][0]}" if row["errors"] else ""), flush=True)
             rss = server.peak_rss_gib()
