@@ -414,10 +414,28 @@ def test_stop_right_after_sending_ends_the_turn_without_an_error_or_a_reply(serv
                        ["#generate" if chat.old else "#submit"])
     chat.page.wait_for_function("([js, old]) => eval(js)(old)[0].length", arg=[ChatPage.JS_TURNS, chat.old])
     time.sleep(2)  # a reply that was not stopped would be streaming by now
-    assert chat.turns() == ([words(LONG_Q)], [])
+    queries, replies = chat.turns()
+    assert queries == [words(LONG_Q)]
     assert chat.page.get_by_text(re.compile(r"^\s*Error\s*$")).count() == 0
+    # Usually no reply at all. The two clicks are separate requests, so the turn's first token can beat the Stop
+    # to the page (it did once on a 2-core AMD EPYC VM); then a few words show and stay in the history as shown.
+    tokenizer, m = model
+    held = [""]
+    if replies and replies[0]:
+        shown = replies[0]
+        held = []
+        for reply, _ in m.stream_chat(tokenizer, LONG_Q, do_sample=False, max_length=300):
+            if words(reply) == shown:
+                held.append(reply)
+            if len(words(reply)) > len(shown):
+                break
+        assert held and len(shown) < 40, f"{shown!r}: not a prefix of the model's reply, or Stop came late"
     chat.send(SHORT_Q1)
-    chat.wait_reply(greedy(model, SHORT_Q1, [(LONG_Q, "")], max_length=300))
+    candidates = {words(greedy(model, SHORT_Q1, [(LONG_Q, h)], max_length=300)) for h in held}
+    deadline = time.time() + 60
+    while chat.last_reply() not in candidates and time.time() < deadline:
+        time.sleep(0.05)
+    assert chat.last_reply() in candidates, f"second turn {chat.turns()} did not follow the shown history"
 
 
 def test_the_conversation_comes_first_and_the_controls_below_it(server, chat_page):
