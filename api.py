@@ -38,8 +38,7 @@ from chatglm.validation import (MAX_HISTORY_TURNS, GenerationOptions, InputError
 
 log = logging.getLogger("chatglm.api")
 
-# upstream api.py's default max_length for POST / (the sampling defaults are GenerationOptions')
-DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_LENGTH = GenerationOptions.max_length  # POST /'s, capped at the model's context below
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250 times the text of a full 2048-token prompt
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

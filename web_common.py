@@ -25,13 +25,13 @@ from chatglm.options import add_model_args, add_server_args, kv_budget_bytes, lo
 from chatglm.service import ModelService, QueueFull, Reply
 from chatglm.validation import GenerationOptions, InputError
 
-# upstream's slider ranges and defaults
-MAX_LENGTH = dict(minimum=0, maximum=4096, value=2048, step=1)
-TOP_P = dict(minimum=0, maximum=1, value=0.7, step=0.01)
-TEMPERATURE = dict(minimum=0, maximum=1, value=0.95, step=0.01)
-# added controls; their defaults are what generation does when they are not given (no penalty, top_k 50, no stop)
-REPETITION_PENALTY = dict(minimum=1, maximum=2, value=1.0, step=0.01)
-TOP_K = dict(minimum=0, maximum=200, value=50, step=1)
+# upstream's slider ranges; every default is GenerationOptions' (added controls: no penalty, top_k 50, no stop)
+_D = GenerationOptions()
+MAX_LENGTH = dict(minimum=0, maximum=4096, value=_D.max_length, step=1)
+TOP_P = dict(minimum=0, maximum=1, value=_D.top_p, step=0.01)
+TEMPERATURE = dict(minimum=0, maximum=1, value=_D.temperature, step=0.01)
+REPETITION_PENALTY = dict(minimum=1, maximum=2, value=_D.repetition_penalty, step=0.01)
+TOP_K = dict(minimum=0, maximum=200, value=_D.top_k, step=1)
 DEFAULT_PORT = 7860
 
 # a local font stack: the default theme fetches Google Fonts, which offline machines can't reach

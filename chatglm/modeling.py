@@ -25,6 +25,9 @@ from .kv_cache import KVCache, RaggedCache
 from .positions import glm_anchors, glm_positions
 from .quantize import quantize_model, replace_with_empty_quantized
 from .text import History, build_prompt
+from .validation import GenerationOptions
+
+_D = GenerationOptions()  # chat()'s defaults are upstream's, kept in one place
 
 # The original's GLMBlock takes its own num_layers argument (default 28) that the model never passes, so the
 # residual scale is sqrt(2 * 28) for every checkpoint, whatever config.num_layers says.
@@ -430,8 +433,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
     # ---- conversation (ChatGLM-6B's chat API; runs on chatglm.engine as a batch of one) -------------------------
-    def chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048, num_beams=1,
-             do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, stop=None, **kwargs):
+    def chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = _D.max_length,
+             num_beams=1, do_sample=_D.do_sample, top_p=_D.top_p, temperature=_D.temperature, logits_processor=None,
+             stop=None, **kwargs):
         """(response, history + [(query, response)]). Extra kwargs: the GenerationOptions fields (repetition_penalty,
         top_k, max_new_tokens, seed, ...); others go to generate(). stop: strings that end the reply (the reply is
         cut before the first one). Beam search (num_beams > 1) runs on transformers' generate()."""
@@ -444,9 +448,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                                     stop=stop, **kwargs)
         return last
 
-    def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048,
-                    do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, stop=None,
-                    stopping_criteria=None, **kwargs):
+    def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_length: int = _D.max_length,
+                    do_sample=_D.do_sample, top_p=_D.top_p, temperature=_D.temperature, logits_processor=None,
+                    stop=None, stopping_criteria=None, **kwargs):
         """Yields (response_so_far, history + [(query, response_so_far)]) as tokens arrive.
 
         The original never yielded the last token (a length-stopped reply lost it; an <eop>-only reply yielded

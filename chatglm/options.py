@@ -85,12 +85,14 @@ def _positive_int(text: str) -> int:
 def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Sampling options with upstream's defaults. Options left out are not passed on, so generation keeps the
     library's own default for them (top_k 50 while sampling, no repetition penalty, no stop strings)."""
+    d = GenerationOptions()  # the defaults live there only
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-length", type=_positive_int, default=2048,
-                   help="prompt + reply tokens at most (default 2048, capped at the model's context)")
-    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold, in (0, 1] (default 0.7)")
-    g.add_argument("--temperature", type=float, default=0.95,
-                   help="sampling temperature; 0 = always the most likely token (default 0.95)")
+    g.add_argument("--max-length", type=_positive_int, default=d.max_length,
+                   help=f"prompt + reply tokens at most (default {d.max_length}, capped at the model's context)")
+    g.add_argument("--top-p", type=float, default=d.top_p,
+                   help=f"nucleus sampling threshold, in (0, 1] (default {d.top_p})")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"sampling temperature; 0 = always the most likely token (default {d.temperature})")
     g.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 makes tokens already in the conversation less likely (default 1.0 = off)")
     g.add_argument("--top-k", type=int, default=None,
