@@ -158,7 +158,10 @@ def kernels_text(r):
         p = r["kernels"][fmt]
         rows = p.get("fused_max_rows")
         what = " ".join(x for x in (p.get("layout"), None if rows is None else
-                                    f"fused<={'all' if rows >= 1 << 30 else rows}") if x)
+                                    f"fused<={'all' if rows >= 1 << 30 else rows}",
+                                    "dequant GEMM fp32" if p.get("dequant_gemm") == "fp32" else None,
+                                    None if p.get("fp32_from_rows", 1 << 30) >= 1 << 30 else
+                                    f"fp32 GEMM from {p['fp32_from_rows']} rows") if x)
         parts.append(f"{fmt}: {what} ({p['source']}{', forced' if p.get('forced') else ''})")
     timed = any(r["kernels"][f]["source"] == "timed" for f in fmts)
     return "; ".join(parts) + (f"; timing took {r.get('kernel_choice_s', 0):.1f} s" if timed else "")

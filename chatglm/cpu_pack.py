@@ -115,6 +115,49 @@ class PackedLinear(nn.Module):
 # the packed buffer: for inner products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with
 # AVX-512; k = 2 in bf16, 1 in fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with
 # the dense original; if it ever differs (another CPU or oneDNN), the head stays unpacked.
+# ---- bfloat16 prompts in float32, where the CPU has no bfloat16 arithmetic ---------------------------------------
+
+# Rows from which an unpacked bfloat16 block linear multiplies in float32: on AVX2 CPUs (no oneDNN bf16 kernels)
+# a bfloat16 GEMM ran ~6x slower than converting the weight a tile at a time and running a float32 one. Set per
+# machine by chatglm/kernel_choice.py; the default never converts.
+FLOAT32_FROM_ROWS = 1 << 30
+UPCAST_CHUNK_ELEMENTS = 1 << 22  # weight elements converted at a time (16 MB in float32)
+
+
+class PromptFloat32Linear(nn.Linear):
+    """nn.Linear (same parameters, state dict and training) whose inference calls with at least FLOAT32_FROM_ROWS
+    bfloat16 rows multiply in float32: the weight is converted a tile at a time into one reused buffer, bias added
+    in float32, the output rounded to bfloat16 once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or rows < FLOAT32_FROM_ROWS
+                or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        x32 = x.reshape(rows, self.in_features).float()
+        y = torch.empty(rows, self.out_features, dtype=torch.bfloat16)
+        chunk = max(1, UPCAST_CHUNK_ELEMENTS // self.in_features)
+        buffer = torch.empty(min(chunk, self.out_features), self.in_features)
+        for start in range(0, self.out_features, chunk):
+            stop = min(start + chunk, self.out_features)
+            w = buffer[:stop - start]
+            w.copy_(self.weight[start:stop])
+            part = x32 @ w.T if self.bias is None else torch.addmm(self.bias[start:stop].float(), x32, w.T)
+            y[:, start:stop] = part
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def upcast_prompts(model: nn.Module) -> nn.Module:
+    """Give the plain bfloat16 linears of every GLM block PromptFloat32Linear's forward (a class swap: parameters,
+    state dict and training stay nn.Linear's)."""
+    for block in model.transformer.layers:
+        for path in BLOCK_LINEARS:
+            layer = block.get_submodule(path)
+            if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:
+                layer.__class__ = PromptFloat32Linear
+    return model
+
+
 HEAD_CHUNK_ROWS = 8192  # packed in chunks: while packing, only one chunk exists twice (67 MB in bf16, not 1 GB)
 _ROW_BLOCKS = (64, 32, 16)
 
@@ -300,7 +343,7 @@ def pack_for_cpu(model: nn.Module, release_dense: bool = False) -> nn.Module:
             parent_path, name = path.split(".")
             parent = getattr(block, parent_path)
             layer = getattr(parent, name)
-            if type(layer) is nn.Linear and packable(layer.weight):
+            if type(layer) in (nn.Linear, PromptFloat32Linear) and packable(layer.weight):
                 setattr(parent, name, PackedLinear(layer))
     embedding, head = model.transformer.word_embeddings, getattr(model, "lm_head", None)
     if type(embedding) is nn.Embedding and type(head) is nn.Linear and head.weight is embedding.weight:
@@ -317,6 +360,8 @@ def prepare_for_cpu(model: nn.Module, dtype: torch.dtype, pack_dense: bool) -> n
     quantized weights repacked for the CPU INT4 op now (in place), not as a stall on the first reply."""
     if pack_dense:
         pack_for_cpu(model, release_dense=True)
+    if dtype == torch.bfloat16:
+        upcast_prompts(model)  # the block linears left unpacked (no oneDNN bf16 kernels here, or mkl chosen)
     if dtype == torch.bfloat16 and getattr(model.config, "quantization_bit", 0):
         for m in model.modules():
             if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):

@@ -3,12 +3,16 @@
 Once per (CPU, torch version, thread count, format, shape), at load, the candidates run on random weights of the
 model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batched step (8 rows) and prompt rows
 (16, 128); the plan is cached in ~/.cache/chatglm/kernels.json ($CHATGLM_CACHE_DIR overrides the folder).
-  fp32 / bf16: layout "onednn" (weights prepacked, chatglm/cpu_pack.py) or "mkl" (plain F.linear).
+  fp32 / bf16: layout "onednn" (weights prepacked, chatglm/cpu_pack.py) or "mkl" (plain F.linear); bf16 also
+        fp32_from_rows, the rows from which an unpacked bf16 linear converts its weight and multiplies in float32
+        (cpu_pack.PromptFloat32Linear: wins for prompts on CPUs without bfloat16 arithmetic).
   int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py) or "int8pack" (official bytes,
         `_weight_int8pack_mm`); int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
-        a call dequantizes a tile at a time and runs the dense GEMM ("dequant").
-CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=dequant,int8.fused_max_rows=32" (int8/int4
-also take "fused" and "dequant"); forced int8/int4 entries apply to float32 activations too. CHATGLM_KERNEL_TIMING=0
+        a call dequantizes a tile at a time and runs the dense GEMM ("dequant"), and dequant_gemm, the dtype of that
+        GEMM ("bf16", or "fp32" where the CPU has no bfloat16 arithmetic and a float32 GEMM is faster).
+CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=dequant,int8.fused_max_rows=32,
+int4.dequant_gemm=fp32" (int8/int4 also take "fused" and "dequant"); forced int8/int4 entries apply to float32
+activations too. CHATGLM_KERNEL_TIMING=0
 takes the defaults without timing; =1 times even tiny models and under pytest (which otherwise take the defaults).
 Timings and why each candidate can win: benchmarks/README.md.
 """
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quantization
+from . import cpu_pack
 from .cpu_int4 import cpu_int8_fused_ok
 from .cpu_pack import available as onednn_available
 from .quantization import QuantizedLinear
@@ -31,8 +36,11 @@ FORMATS = ("fp32", "bf16", "int8", "int4")
 CANDIDATES = {"fp32": ("onednn", "mkl"), "bf16": ("onednn", "mkl"), "int8": ("nibble", "int8pack", "fused", "dequant"),
               "int4": ("fused", "dequant")}
 ALWAYS = 1 << 30  # fused_max_rows that means "always fused"
-DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn"},
-            "int8": {"layout": "nibble", "fused_max_rows": 24}, "int4": {"fused_max_rows": 96}}
+DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_from_rows": 1 << 30},
+            "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
+            "int4": {"fused_max_rows": 96, "dequant_gemm": "bf16"}}
+GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PLAN_VERSION = 2  # in the cache key: plans cached before dequant_gemm existed are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -48,15 +56,18 @@ def _forced() -> dict:
         key, _, value = item.partition("=")
         fmt, _, field = key.strip().partition(".")
         value = value.strip()
-        ok = fmt in FORMATS and (value in CANDIDATES[fmt] if not field else
-                                 field == "fused_max_rows" and fmt in ("int8", "int4") and value.isdigit())
+        quantized_field = fmt in ("int8", "int4") and (field == "fused_max_rows" and value.isdigit()
+                                                       or field == "dequant_gemm" and value in GEMM_DTYPES)
+        bf16_field = fmt == "bf16" and field == "fp32_from_rows" and value.isdigit()
+        ok = fmt in FORMATS and (value in CANDIDATES[fmt] if not field else quantized_field or bf16_field)
         if not ok:
             choices = "; ".join(f"{f}={'|'.join(c)}" for f, c in CANDIDATES.items())
             raise ValueError(f"CHATGLM_KERNELS entry {item!r} is not one of: {choices}; int8.fused_max_rows=N; "
-                             f"int4.fused_max_rows=N")
+                             f"int4.fused_max_rows=N; int8.dequant_gemm=bf16|fp32; int4.dequant_gemm=bf16|fp32; "
+                             f"bf16.fp32_from_rows=N")
         plan = out.setdefault(fmt, {})
         if field:
-            plan["fused_max_rows"] = int(value)
+            plan[field] = value if field == "dequant_gemm" else int(value)
         elif value in ("fused", "dequant"):
             plan["fused_max_rows"] = ALWAYS if value == "fused" else 0
         else:
@@ -67,6 +78,8 @@ def _forced() -> dict:
 def _install(fmt: str, plan: dict, forced: dict):
     """Put `plan` (with the forced entries over it) in force; quantized formats also for float32 activations."""
     _plans[fmt] = {**plan, **forced.get(fmt, {})}
+    if fmt == "bf16":
+        cpu_pack.FLOAT32_FROM_ROWS = _plans[fmt].get("fp32_from_rows", ALWAYS)
     if fmt in FLOAT32_QUANTIZED:
         bits = int(fmt[3:])
         fp32 = {**FLOAT32_QUANTIZED[fmt], **forced.get(fmt, {})}
@@ -74,6 +87,7 @@ def _install(fmt: str, plan: dict, forced: dict):
             quantization.FUSED_MAX_ROWS[dtype, bits] = p["fused_max_rows"]
             if bits == 8:
                 quantization.INT8_LAYOUT[dtype] = p["layout"]
+        quantization.DEQUANT_GEMM_DTYPE[torch.bfloat16, bits] = GEMM_DTYPES[_plans[fmt].get("dequant_gemm", "bf16")]
 
 
 def reset():
@@ -141,12 +155,20 @@ def _time_dense(fmt, out_features, in_features) -> dict:
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     weight = torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05)
     weights = _copies(weight)
-    rows = (1, 8, PROMPT_ROWS[-1])
+    rows = (1, 8) + PROMPT_ROWS[1:]
     timings = {"mkl": _time_rows([lambda x, w=w: F.linear(x, w) for w in weights], rows, dtype, in_features)}
     if onednn_available(dtype):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         calls = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
         timings["onednn"] = _time_rows(calls, rows, dtype, in_features)
+    if fmt == "bf16":  # unpacked, a prompt can multiply in float32 instead (cpu_pack.PromptFloat32Linear)
+        upcast = cpu_pack.PromptFloat32Linear(in_features, out_features, bias=False, device="meta")
+        upcast.weight = torch.nn.Parameter(weight, requires_grad=False)
+        saved, cpu_pack.FLOAT32_FROM_ROWS = cpu_pack.FLOAT32_FROM_ROWS, 1
+        try:
+            timings["mkl/fp32"] = _time_rows([upcast], PROMPT_ROWS[-1:], dtype, in_features)
+        finally:
+            cpu_pack.FLOAT32_FROM_ROWS = saved
     return timings
 
 
@@ -182,8 +204,12 @@ def _time_quantized(fmt, out_features, in_features) -> dict:
         layers = _quantized_layers(bits, out_features, in_features, layout == "nibble")
         if layers is None:
             continue
-        for path, rows_max, rows in (("fused", ALWAYS, (1, 8) + PROMPT_ROWS[1:]), ("dequant", 0, PROMPT_ROWS[-1:])):
-            _install(fmt, {"layout": layout, "fused_max_rows": rows_max}, {})
+        for path, rows_max, rows, gemm in (("fused", ALWAYS, (1, 8) + PROMPT_ROWS[1:], "bf16"),
+                                           ("dequant", 0, PROMPT_ROWS[-1:], "bf16"),
+                                           ("dequant-fp32", 0, PROMPT_ROWS[-1:], "fp32")):
+            if gemm == "bf16" and path == "dequant" and not onednn_available(torch.bfloat16):
+                continue  # no bfloat16 arithmetic: 0.8-25 s at 128 rows on an AVX2 EPYC, float32 0.15 s
+            _install(fmt, {"layout": layout, "fused_max_rows": rows_max, "dequant_gemm": gemm}, {})
             timings[f"{layout}/{path}"] = _time_rows(layers, rows, torch.bfloat16, in_features)
         del layers  # one layout's copies at a time
     return timings
@@ -199,10 +225,17 @@ def _crossover(fused: dict, dequant: dict) -> int:
     return max(0, min(4096, int(r0 + (d - f0) * (r1 - r0) / (f1 - f0))))
 
 
+def _dequant_ms(timings, layout) -> tuple:
+    """(dequantize-then-GEMM {rows: ms} of the faster GEMM dtype, that dtype's name) on `layout`."""
+    gemm = min(("bf16", "fp32"), key=lambda g: timings.get(layout + ("/dequant" if g == "bf16" else "/dequant-fp32"),
+                                                           {}).get(PROMPT_ROWS[-1], float("inf")))
+    return timings[layout + ("/dequant" if gemm == "bf16" else "/dequant-fp32")], gemm
+
+
 def _turn_ms(timings, layout) -> float:
     """A chat turn's time on `layout`: a 128-token prompt by its faster path, then 32 decode steps (half of them
     batched by 8: the engine decodes 1..16 rows at once)."""
-    fused, dequant = timings[layout + "/fused"], timings[layout + "/dequant"]
+    fused, (dequant, _) = timings[layout + "/fused"], _dequant_ms(timings, layout)
     return min(fused[PROMPT_ROWS[-1]], dequant[PROMPT_ROWS[-1]]) + 16 * (fused[1] + fused[8])
 
 
@@ -210,13 +243,19 @@ def _decide(fmt, timings) -> dict:
     """The plan from timings: dense formats, the layout fastest on a decode step plus a batched one; quantized, the
     layout fastest over a chat turn (_turn_ms), then its fused / dequantize crossover."""
     if fmt in ("fp32", "bf16"):
-        return {"layout": min(timings, key=lambda k: timings[k][1] + timings[k][8])}
+        layout = min((k for k in timings if "/" not in k), key=lambda k: timings[k][1] + timings[k][8])
+        if fmt == "fp32":
+            return {"layout": layout}
+        upcast = timings.get("mkl/fp32") if layout == "mkl" else None  # packed layers never convert
+        return {"layout": layout, "fp32_from_rows": ALWAYS if upcast is None else
+                min(ALWAYS, _crossover(timings[layout], upcast) + 1)}
     layouts = {k.split("/")[0] for k in timings}
     if not layouts:
         return dict(DEFAULTS[fmt])
     layout = min(layouts, key=lambda k: _turn_ms(timings, k))
-    rows = _crossover(timings[layout + "/fused"], timings[layout + "/dequant"])
-    return {"layout": layout, "fused_max_rows": rows} if fmt == "int8" else {"fused_max_rows": rows}
+    dequant, gemm = _dequant_ms(timings, layout)
+    plan = {"fused_max_rows": _crossover(timings[layout + "/fused"], dequant), "dequant_gemm": gemm}
+    return {"layout": layout, **plan} if fmt == "int8" else plan
 
 
 # ---- per machine, cached -------------------------------------------------------------------------------------------
@@ -268,7 +307,7 @@ def _write_cache(key: str, entry: dict):
 
 def _timed(fmt: str, out_features: int, in_features: int) -> tuple:
     """(plan, source, timings) for one format at one shape, from the cache or by timing now."""
-    key = f"{machine_id()} {fmt} {out_features}x{in_features}"
+    key = f"{machine_id()} {fmt} {out_features}x{in_features} v{PLAN_VERSION}"
     entry = _read_cache().get(key)
     if isinstance(entry, dict) and isinstance(entry.get("plan"), dict):
         return entry["plan"], "cached", entry.get("timings_ms")

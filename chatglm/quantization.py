@@ -42,6 +42,9 @@ QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_
 # its defaults (benchmarks/README.md has the timings). float32's fused ops are plain loops; other dtypes dequantize.
 FUSED_MAX_ROWS = {(torch.bfloat16, 8): 24, (torch.bfloat16, 4): 96, (torch.float32, 8): 1, (torch.float32, 4): 1}
 INT8_LAYOUT = {torch.bfloat16: "nibble", torch.float32: "int8pack"}
+# The dtype the dequantize-then-GEMM path multiplies in, per (activation dtype, bits): a CPU without bfloat16
+# arithmetic (AVX2) runs a bfloat16 GEMM several times slower than a float32 one; the integers are exact in either.
+DEQUANT_GEMM_DTYPE = {(torch.bfloat16, 8): torch.bfloat16, (torch.bfloat16, 4): torch.bfloat16}
 INT8_AS_INT4_REPACK_ROWS = 1  # a batched call keeps an official INT8 weight (the INT8 op is faster from 4 rows on)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
@@ -355,12 +358,22 @@ class QuantizedLinear(nn.Module):
         return column_major(*values, cpu_int4_layout()[1], dtype, buffer)[:, offset:offset + stop - start]
 
     def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        cpu = x2d.device.type == "cpu"
+        gemm_dtype = DEQUANT_GEMM_DTYPE.get((x2d.dtype, self.bits), x2d.dtype) if cpu else x2d.dtype
+        if gemm_dtype != x2d.dtype:
+            return self._dequantized_matmul_in(x2d.to(gemm_dtype), upcast=True).to(x2d.dtype)
+        return self._dequantized_matmul_in(x2d, upcast=False)
+
+    def _dequantized_matmul_in(self, x2d: torch.Tensor, upcast: bool) -> torch.Tensor:
         dtype = x2d.dtype
         # From a repacked weight, multiply by the transposed integers and scale the output (no row-major weight is
-        # rebuilt). bfloat16 only: float32 keeps its dequantized GEMM, and so its exact numbers, and float16
-        # could overflow on the unscaled sums.
-        columns = self._repacked() and dtype == torch.bfloat16
-        scale = self._operands(dtype)[1] if columns else None
+        # rebuilt). Only for bfloat16 activations (in bfloat16, or in float32 when `upcast`): float32 models keep
+        # their dequantized GEMM, and so their exact numbers, and float16 could overflow on the unscaled sums.
+        columns = self._repacked() and (dtype == torch.bfloat16 or upcast)
+        scales_output = dtype == torch.bfloat16 or upcast
+        scale = None
+        if scales_output:  # upcast: the scales straight from the weight (the cache keeps the bfloat16 operands)
+            scale = self.weight_scale.detach().to(dtype) if upcast else self._operands(dtype)[1]
         rows = DEQUANT_CHUNK_ELEMENTS // self.in_features // 64 * 64
         if x2d.device.type != "cpu" or rows == 0 or rows >= self.out_features:
             if columns:
@@ -370,8 +383,6 @@ class QuantizedLinear(nn.Module):
         # or fresh memory per chunk, is page-faulted in on each call, which costs more than the GEMM itself
         y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
         buffer = torch.empty(self.in_features * rows, dtype=dtype)
-        if dtype == torch.bfloat16 and scale is None:
-            scale = self._operands(dtype)[1]
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             if columns:
@@ -380,7 +391,7 @@ class QuantizedLinear(nn.Module):
                 continue
             w = buffer[:(stop - start) * self.in_features].view(stop - start, self.in_features)
             w.copy_(self.int_values(start, stop))
-            if dtype == torch.bfloat16:  # the integers are exact in bfloat16: scale the output, not the weight
+            if scales_output:  # the integers are exact in the GEMM's dtype: scale the output, not the weight
                 torch.mul(x2d @ w.T, scale[start:stop], out=y[:, start:stop])
             else:  # the values of dequantized_weight(dtype, start, stop): q.to(dtype) * scale.to(dtype)
                 y[:, start:stop] = x2d @ w.mul_(self.weight_scale[start:stop].to(dtype)[:, None]).T

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from conftest import GOLDEN, load_golden
@@ -20,7 +21,11 @@ BF16_LOGIT_TOL = 0.1  # its "compare loosely" bar for bf16 (here: bf16 paths aga
 CASES = [("tiny", "fp32=onednn"), ("tiny", "fp32=mkl"),
          ("tiny-int8", "int8=int8pack"), ("tiny-int8", "int8=nibble"), ("tiny-int8", "int8=fused"),
          ("tiny-int8", "int8=dequant"), ("tiny-int8", "int8=nibble,int8.fused_max_rows=3"),
-         ("tiny-int4", "int4=fused"), ("tiny-int4", "int4=dequant"), ("tiny-int4", "int4.fused_max_rows=3")]
+         ("tiny-int8", "int8=dequant,int8.dequant_gemm=fp32"),
+         ("tiny-int8", "int8=nibble,int8.fused_max_rows=3,int8.dequant_gemm=fp32"),
+         ("tiny-int4", "int4=fused"), ("tiny-int4", "int4=dequant"), ("tiny-int4", "int4.fused_max_rows=3"),
+         ("tiny-int4", "int4=dequant,int4.dequant_gemm=fp32"), ("tiny-int4", "int4.fused_max_rows=3,"
+                                                                             "int4.dequant_gemm=fp32")]
 
 
 @pytest.fixture(autouse=True)
@@ -103,22 +108,48 @@ def test_every_forced_candidate_keeps_float32_logits_and_greedy_tokens_of_the_or
 
 
 def test_bfloat16_dense_candidates_agree(monkeypatch):
-    """bfloat16 is far from the fp32 golden on the tiny model (its weights are large); the two dense paths must
-    agree with each other (oneDNN runs the same arithmetic either way)."""
+    """bfloat16 is far from the fp32 golden on the tiny model (its weights are large); the dense paths must agree
+    with each other (oneDNN runs the same arithmetic either way; the float32 GEMM rounds once, at the end)."""
     g, arrays = load_golden("tiny")
     logits = []
-    for forced in ("bf16=onednn", "bf16=mkl"):
+    for forced in ("bf16=onednn", "bf16=mkl", "bf16=mkl,bf16.fp32_from_rows=1"):
         _, model = forced_model(monkeypatch, "tiny", forced, "bfloat16")
         # without oneDNN bfloat16 kernels (AVX2 CPUs) a forced "onednn" runs as F.linear: nothing packed
         packed = forced == "bf16=onednn" and cpu_pack.available(torch.bfloat16)
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == packed
+        assert any(isinstance(m, cpu_pack.PromptFloat32Linear) for m in model.modules()) == (not packed)
+        assert cpu_pack.FLOAT32_FROM_ROWS == (1 if "fp32_from_rows" in forced else kernel_choice.ALWAYS)
         with torch.no_grad():
             logits.append([model(**inputs(c, arrays)).logits.float() for c in g["forward"]])
-    for a, b in zip(*logits):
-        torch.testing.assert_close(a, b, rtol=0, atol=BF16_LOGIT_TOL)
+    for other in logits[1:]:
+        for a, b in zip(logits[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=BF16_LOGIT_TOL)
 
 
-@pytest.mark.parametrize("bits,forced", [(8, f) for _, f in CASES[2:7]] + [(4, f) for _, f in CASES[7:]])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_bfloat16_prompt_in_float32_is_the_exact_product_rounded_once(monkeypatch, bias):
+    """PromptFloat32Linear at and above FLOAT32_FROM_ROWS: x @ W.T + b computed in float32 over chunks of the
+    weight, rounded to bfloat16 once; below it, and when gradients are wanted, plain F.linear."""
+    monkeypatch.setattr(cpu_pack, "FLOAT32_FROM_ROWS", 4)
+    monkeypatch.setattr(cpu_pack, "UPCAST_CHUNK_ELEMENTS", 64 * 48)  # several chunks, a short last one
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 200, bias=bias).bfloat16()
+    layer.__class__ = cpu_pack.PromptFloat32Linear
+    x = torch.randn(2, 3, 64, generator=g).bfloat16()
+    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    with torch.no_grad():
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 200)
+        # within one bfloat16 step of the exact value: one rounding (a bf16 GEMM rounds the same way at best)
+        torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-3)
+        short = layer(x[:1, :1])  # 1 row: below the threshold
+        assert torch.equal(short, F.linear(x[:1, :1], layer.weight, layer.bias))
+    grad_x = x.clone().requires_grad_()
+    layer(grad_x).float().sum().backward()
+    assert grad_x.grad is not None and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("bits,forced", [(int(n[-1]), f) for n, f in CASES if n != "tiny"])
 @pytest.mark.parametrize("rows", [1, 4, 40])
 def test_every_quantized_candidate_gives_the_exact_product_in_bfloat16(monkeypatch, bits, forced, rows):
     """Per layer, at a decode row, a small batch and a prompt: x @ (q * scale).T + bias to bfloat16 accuracy."""
@@ -149,7 +180,7 @@ def test_timing_picks_a_candidate_once_and_caches_it_per_machine(monkeypatch, tm
     assert fmt == "int4" or chosen["layout"] in kernel_choice.CANDIDATES[fmt]
     assert chosen.get("fused_max_rows", 0) >= 0
     cache = json.loads((tmp_path / "kernels.json").read_text())
-    key = next(k for k in cache if k.endswith(f"{fmt} 1024x256"))
+    key = next(k for k in cache if k.endswith(f"{fmt} 1024x256 v{kernel_choice.PLAN_VERSION}"))
     assert key.startswith(kernel_choice.machine_id())
     again = kernel_choice.choose(dtype, bits, 256, 1024)[fmt]
     assert again["source"] == "cached"
@@ -160,21 +191,31 @@ def test_timing_picks_a_candidate_once_and_caches_it_per_machine(monkeypatch, tm
 
 
 def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
-    dense = {"mkl": {1: 10.0, 8: 12.0, 128: 50.0}, "onednn": {1: 6.0, 8: 8.0, 128: 60.0}}
-    assert kernel_choice._decide("bf16", dense) == {"layout": "onednn"}
+    dense = {"mkl": {1: 10.0, 8: 12.0, 16: 14.0, 128: 50.0}, "onednn": {1: 6.0, 8: 8.0, 16: 9.0, 128: 60.0},
+             "mkl/fp32": {128: 20.0}}
+    assert kernel_choice._decide("bf16", dense) == {"layout": "onednn", "fp32_from_rows": kernel_choice.ALWAYS}
+    assert kernel_choice._decide("fp32", dense) == {"layout": "onednn"}
+    # unpacked bf16 without bfloat16 arithmetic: prompts convert to float32 from where that is faster
+    dense["onednn"] = {1: 60.0, 8: 80.0, 16: 90.0, 128: 900.0}
+    assert kernel_choice._decide("bf16", dense) == {"layout": "mkl", "fp32_from_rows": 35}
     # fused 1 ms per row from 16 rows on, dequantize-then-GEMM 64 ms: fused up to 64 rows
     int4 = {"nibble/fused": {1: 2.0, 8: 8.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0}}
-    assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 64}
+    assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 64, "dequant_gemm": "bf16"}
+    # no bfloat16 arithmetic (AVX2): the float32 GEMM is faster, wins, and moves the crossover
+    int4["nibble/dequant-fp32"] = {128: 32.0}
+    assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 32, "dequant_gemm": "fp32"}
     int8 = {"nibble/fused": {1: 3.0, 8: 9.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0},
             "int8pack/fused": {1: 2.0, 8: 8.0, 16: 20.0, 128: 20.0}, "int8pack/dequant": {128: 64.0}}
-    assert kernel_choice._decide("int8", int8) == {"layout": "int8pack", "fused_max_rows": kernel_choice.ALWAYS}
+    assert kernel_choice._decide("int8", int8) == {"layout": "int8pack", "fused_max_rows": kernel_choice.ALWAYS,
+                                                   "dequant_gemm": "bf16"}
     # nibble decodes 1 ms faster per step but its prompt path is 1 s slower: a chat turn is faster on int8pack
     slow_prompts = {"nibble/fused": {1: 9.0, 8: 20.0, 16: 40.0, 128: 1300.0}, "nibble/dequant": {128: 1200.0},
                     "int8pack/fused": {1: 10.0, 8: 21.0, 16: 40.0, 128: 300.0}, "int8pack/dequant": {128: 200.0}}
     assert kernel_choice._decide("int8", slow_prompts)["layout"] == "int8pack"
 
 
-@pytest.mark.parametrize("bad", ["int8=fast", "int5=fused", "bf16.fused_max_rows=3", "int4.fused_max_rows=x"])
+@pytest.mark.parametrize("bad", ["int8=fast", "int5=fused", "bf16.fused_max_rows=3", "int4.fused_max_rows=x",
+                                 "int4.dequant_gemm=fp16", "bf16.dequant_gemm=fp32"])
 def test_a_bad_kernels_setting_is_refused_with_the_choices(monkeypatch, bad):
     monkeypatch.setenv("CHATGLM_KERNELS", bad)
     with pytest.raises(ValueError, match="CHATGLM_KERNELS entry .* int8=nibble\\|int8pack"):
