@@ -5,7 +5,7 @@ model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batc
 (16, 128); the plan is cached in ~/.cache/chatglm/kernels.json ($CHATGLM_CACHE_DIR overrides the folder).
   fp32 / bf16: layout "onednn" (weights prepacked, chatglm/cpu_pack.py) or "mkl" (plain F.linear); bf16 also
         fp32_from_rows, the rows from which an unpacked bf16 linear converts its weight and multiplies in float32
-        (cpu_pack.PromptFloat32Linear: wins for prompts on CPUs without bfloat16 arithmetic).
+        (cpu_pack.PromptFloat32Linear: wins for prompts and batches on CPUs without bfloat16 arithmetic).
   int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py) or "int8pack" (official bytes,
         `_weight_int8pack_mm`); int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
         a call dequantizes a tile at a time and runs the dense GEMM ("dequant"), and dequant_gemm, the dtype of that
@@ -19,6 +19,7 @@ Timings and why each candidate can win: benchmarks/README.md.
 import datetime
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -40,7 +41,7 @@ DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_fro
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
             "int4": {"fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 2  # in the cache key: plans cached before dequant_gemm existed are timed again
+PLAN_VERSION = 3  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -155,21 +156,28 @@ def _time_dense(fmt, out_features, in_features) -> dict:
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     weight = torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05)
     weights = _copies(weight)
-    rows = (1, 8) + PROMPT_ROWS[1:]
+    rows = (1, 4, 8) + PROMPT_ROWS[1:]
     timings = {"mkl": _time_rows([lambda x, w=w: F.linear(x, w) for w in weights], rows, dtype, in_features)}
     if onednn_available(dtype):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         calls = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
         timings["onednn"] = _time_rows(calls, rows, dtype, in_features)
-    if fmt == "bf16":  # unpacked, a prompt can multiply in float32 instead (cpu_pack.PromptFloat32Linear)
-        upcast = cpu_pack.PromptFloat32Linear(in_features, out_features, bias=False, device="meta")
-        upcast.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if fmt == "bf16":  # unpacked, several rows can multiply in float32 instead (cpu_pack.PromptFloat32Linear)
         saved, cpu_pack.FLOAT32_FROM_ROWS = cpu_pack.FLOAT32_FROM_ROWS, 1
         try:
-            timings["mkl/fp32"] = _time_rows([upcast], PROMPT_ROWS[-1:], dtype, in_features)
+            timings["mkl/fp32"] = _time_rows(_upcast_copies(weights), rows, dtype, in_features)
         finally:
             cpu_pack.FLOAT32_FROM_ROWS = saved
     return timings
+
+
+def _upcast_copies(weights) -> list:
+    layers = []
+    for w in weights:
+        layer = cpu_pack.PromptFloat32Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
+        layers.append(layer)
+    return layers
 
 
 def _quantized_layers(bits, out_features, in_features, nibble):
@@ -225,6 +233,21 @@ def _crossover(fused: dict, dequant: dict) -> int:
     return max(0, min(4096, int(r0 + (d - f0) * (r1 - r0) / (f1 - f0))))
 
 
+def _first_win(slow: dict, fast: dict) -> int:
+    """The fewest rows from which `fast` beats `slow` ({rows: ms} each, linear between the rows timed); ALWAYS if
+    it never does."""
+    previous = None
+    for rows in sorted(set(slow) & set(fast), key=int):
+        gain = slow[rows] - fast[rows]
+        if gain > 0:
+            if previous is None:
+                return int(rows)
+            r0, g0 = previous
+            return max(int(r0) + 1, math.ceil(int(r0) + (int(rows) - int(r0)) * -g0 / (gain - g0)))
+        previous = (rows, gain)
+    return ALWAYS
+
+
 def _dequant_ms(timings, layout) -> tuple:
     """(dequantize-then-GEMM {rows: ms} of the faster GEMM dtype, that dtype's name) on `layout`."""
     gemm = min(("bf16", "fp32"), key=lambda g: timings.get(layout + ("/dequant" if g == "bf16" else "/dequant-fp32"),
@@ -247,8 +270,7 @@ def _decide(fmt, timings) -> dict:
         if fmt == "fp32":
             return {"layout": layout}
         upcast = timings.get("mkl/fp32") if layout == "mkl" else None  # packed layers never convert
-        return {"layout": layout, "fp32_from_rows": ALWAYS if upcast is None else
-                min(ALWAYS, _crossover(timings[layout], upcast) + 1)}
+        return {"layout": layout, "fp32_from_rows": ALWAYS if upcast is None else _first_win(timings[layout], upcast)}
     layouts = {k.split("/")[0] for k in timings}
     if not layouts:
         return dict(DEFAULTS[fmt])

@@ -192,12 +192,17 @@ def test_timing_picks_a_candidate_once_and_caches_it_per_machine(monkeypatch, tm
 
 def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     dense = {"mkl": {1: 10.0, 8: 12.0, 16: 14.0, 128: 50.0}, "onednn": {1: 6.0, 8: 8.0, 16: 9.0, 128: 60.0},
-             "mkl/fp32": {128: 20.0}}
+             "mkl/fp32": {1: 30.0, 8: 14.0, 16: 12.0, 128: 20.0}}
     assert kernel_choice._decide("bf16", dense) == {"layout": "onednn", "fp32_from_rows": kernel_choice.ALWAYS}
     assert kernel_choice._decide("fp32", dense) == {"layout": "onednn"}
-    # unpacked bf16 without bfloat16 arithmetic: prompts convert to float32 from where that is faster
+    # unpacked bf16 without bfloat16 arithmetic: from 12 rows (where the two lines cross between 8 and 16) a call
+    # converts to float32
     dense["onednn"] = {1: 60.0, 8: 80.0, 16: 90.0, 128: 900.0}
-    assert kernel_choice._decide("bf16", dense) == {"layout": "mkl", "fp32_from_rows": 35}
+    assert kernel_choice._decide("bf16", dense) == {"layout": "mkl", "fp32_from_rows": 12}
+    dense["mkl/fp32"] = {1: 9.0, 8: 14.0, 16: 15.0, 128: 60.0}  # faster everywhere / nowhere
+    assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == 1
+    dense["mkl/fp32"] = {1: 11.0, 8: 14.0, 16: 15.0, 128: 60.0}
+    assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == kernel_choice.ALWAYS
     # fused 1 ms per row from 16 rows on, dequantize-then-GEMM 64 ms: fused up to 64 rows
     int4 = {"nibble/fused": {1: 2.0, 8: 8.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0}}
     assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 64, "dequant_gemm": "bf16"}
