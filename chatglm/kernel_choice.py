@@ -249,10 +249,12 @@ def _first_win(slow: dict, fast: dict) -> int:
 
 
 def _dequant_ms(timings, layout) -> tuple:
-    """(dequantize-then-GEMM {rows: ms} of the faster GEMM dtype, that dtype's name) on `layout`."""
-    gemm = min(("bf16", "fp32"), key=lambda g: timings.get(layout + ("/dequant" if g == "bf16" else "/dequant-fp32"),
-                                                           {}).get(PROMPT_ROWS[-1], float("inf")))
-    return timings[layout + ("/dequant" if gemm == "bf16" else "/dequant-fp32")], gemm
+    """(dequantize-then-GEMM {rows: ms} of the faster GEMM dtype, that dtype's name) on `layout`; a dtype not
+    timed (bf16 where oneDNN has no bf16 kernels) does not compete."""
+    timed = {gemm: timings[layout + key] for gemm, key in (("bf16", "/dequant"), ("fp32", "/dequant-fp32"))
+             if layout + key in timings}
+    gemm = min(timed, key=lambda g: timed[g][PROMPT_ROWS[-1]])
+    return timed[gemm], gemm
 
 
 def _turn_ms(timings, layout) -> float:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers.cache_utils import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts and the chatglm package run from the repo root
@@ -30,6 +32,31 @@ def load_golden(name: str):
     with open(folder / "golden.json", encoding="utf-8") as f:
         g = json.load(f)
     return g, np.load(folder / "golden_arrays.npz")
+
+
+def replay_cached_steps(model, case, check_step=None) -> np.ndarray:
+    """Teacher-forced KV-cache decoding of one golden "cache" case through the model's generate hooks: the step
+    logits [batch, steps, vocab] as numpy. check_step(k, inputs, cache), if given, sees each step's inputs."""
+    ids = torch.tensor(case["prompt_input_ids"])
+    kwargs = {"cache": DynamicCache(config=model.config)}
+    first = case["steps"][0]
+    if first["model_built_position_ids"] is None:  # the tokenizer's mask/positions were passed in
+        kwargs["glm_attention_mask"] = torch.tensor(first["attention_mask"]).bool()
+        kwargs["glm_position_ids"] = torch.tensor(first["position_ids"])
+    cont = torch.tensor(case["continuation_ids"])
+    cont = cont.expand(ids.shape[0], -1) if cont.dim() == 1 else cont
+    steps = []
+    for k in range(len(case["steps"])):
+        inputs = model.prepare_inputs_for_generation(ids, **kwargs)
+        if check_step is not None:
+            check_step(k, inputs, kwargs["cache"])
+        with torch.no_grad():
+            out = model(**inputs)
+        kwargs = model._update_model_kwargs_for_generation(out, kwargs)
+        steps.append(out.logits[:, -1].float())
+        if k < cont.shape[1]:
+            ids = torch.cat([ids, cont[:, k:k + 1]], dim=1)
+    return torch.stack(steps, dim=1).numpy()
 
 
 DEBIAN_CHROMIUM = os.environ.get("CHATGLM_CHROMIUM") or "/usr/bin/chromium"  # $CHATGLM_CHROMIUM: another one

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
 
-from conftest import GOLDEN, load_golden
+from conftest import GOLDEN, load_golden, replay_cached_steps
 from test_quantization import assert_bf16_product, bf16_layer
 
 from chatglm import cpu_pack, kernel_choice, load_model
@@ -68,20 +67,7 @@ def max_logit_diff(model, g, arrays):
             logits = model(**inputs(c, arrays)).logits.float()
             worst = max(worst, np.abs(logits.numpy() - arrays[c["logits_key"]]).max())
         for c in g["cache"]:
-            ids, kwargs, steps = torch.tensor(c["prompt_input_ids"]), {"cache": DynamicCache(config=model.config)}, []
-            first = c["steps"][0]
-            if first["model_built_position_ids"] is None:
-                kwargs["glm_attention_mask"] = torch.tensor(first["attention_mask"]).bool()
-                kwargs["glm_position_ids"] = torch.tensor(first["position_ids"])
-            cont = torch.tensor(c["continuation_ids"])
-            cont = cont.expand(ids.shape[0], -1) if cont.dim() == 1 else cont
-            for k in range(len(c["steps"])):
-                out = model(**model.prepare_inputs_for_generation(ids, **kwargs))
-                kwargs = model._update_model_kwargs_for_generation(out, kwargs)
-                steps.append(out.logits[:, -1].float())
-                if k < cont.shape[1]:
-                    ids = torch.cat([ids, cont[:, k:k + 1]], dim=1)
-            worst = max(worst, np.abs(torch.stack(steps, 1).numpy() - arrays[c["step_logits_key"]]).max())
+            worst = max(worst, np.abs(replay_cached_steps(model, c) - arrays[c["step_logits_key"]]).max())
     return worst
 
 

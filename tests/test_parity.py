@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN, load_golden
+from conftest import GOLDEN, load_golden, replay_cached_steps
 
 LOGIT_TOL = 1e-3
 BASE_AND_PTUNING = ["tiny", "tiny-ptuning", "tiny-ptuning-proj"]
@@ -131,21 +131,11 @@ def test_model_builds_the_original_masks_and_positions():
 @pytest.mark.parametrize("name", BASE_AND_PTUNING)
 def test_cached_decoding_matches_original_step_by_step(name):
     """Teacher-forced decoding through our generate hooks: same inputs per step, same logits."""
-    from transformers.cache_utils import DynamicCache
     g, arrays = load_golden(name)
     _, model = golden_model(name)
     for c in g["cache"]:
-        ids = torch.tensor(c["prompt_input_ids"])
-        kwargs = {"cache": DynamicCache(config=model.config)}
-        first = c["steps"][0]
-        if first["model_built_position_ids"] is None:  # the tokenizer's mask/positions were passed in
-            kwargs["glm_attention_mask"] = torch.tensor(first["attention_mask"]).bool()
-            kwargs["glm_position_ids"] = torch.tensor(first["position_ids"])
-        cont = torch.tensor(c["continuation_ids"])
-        cont = cont.expand(ids.shape[0], -1) if cont.dim() == 1 else cont
-        step_logits = []
-        for k, step in enumerate(c["steps"]):
-            inputs = model.prepare_inputs_for_generation(ids, **kwargs)
+        def check_step(k, inputs, cache, c=c):
+            step = c["steps"][k]
             assert inputs["input_ids"].tolist() == step["input_ids"], (c["name"], k)
             if k > 0:
                 assert inputs["position_ids"].tolist() == step["position_ids"], (c["name"], k)
@@ -154,14 +144,8 @@ def test_cached_decoding_matches_original_step_by_step(name):
                 assert (got_mask is None) == (want is None), (c["name"], k)
                 if want is not None:
                     assert got_mask.int().tolist() == want  # 1 = blocked, (c["name"], k)
-            assert kwargs["cache"].get_seq_length() == step["past_len"], (c["name"], k)
-            with torch.no_grad():
-                out = model(**inputs)
-            kwargs = model._update_model_kwargs_for_generation(out, kwargs)
-            step_logits.append(out.logits[:, -1])
-            if k < cont.shape[1]:
-                ids = torch.cat([ids, cont[:, k:k + 1]], dim=1)
-        got = torch.stack(step_logits, dim=1).numpy()
+            assert cache.get_seq_length() == step["past_len"], (c["name"], k)
+        got = replay_cached_steps(model, c, check_step)
         diff = np.abs(got - arrays[c["step_logits_key"]]).max()
         assert diff <= LOGIT_TOL, f"{name}/{c['name']}: step logits max |Δ| {diff}"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import GOLDEN, ROOT, load_golden
+from conftest import GOLDEN, ROOT, load_golden, replay_cached_steps
 
 from chatglm.quantization import QUANTIZED_LINEARS, QuantizedLinear, cpu_int4_layout, quantize_weight, unpack_int4
 from chatglm.quantize import quantize_model, replace_with_empty_quantized
@@ -182,27 +182,10 @@ def test_quantized_greedy_generations_and_chats_match_original(how, bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cached_decoding_with_quantized_weights_matches_original(bits):
     """Teacher-forced KV-cache decoding (one-row inputs: the CPU fused kernels) against the original."""
-    from transformers.cache_utils import DynamicCache
     g, arrays = load_golden(f"tiny-int{bits}")
     _, model = load("pre-quantized file", bits)
     for c in g["cache"]:
-        ids = torch.tensor(c["prompt_input_ids"])
-        kwargs = {"cache": DynamicCache(config=model.config)}
-        first = c["steps"][0]
-        if first["model_built_position_ids"] is None:
-            kwargs["glm_attention_mask"] = torch.tensor(first["attention_mask"]).bool()
-            kwargs["glm_position_ids"] = torch.tensor(first["position_ids"])
-        cont = torch.tensor(c["continuation_ids"])
-        cont = cont.expand(ids.shape[0], -1) if cont.dim() == 1 else cont
-        steps = []
-        for k in range(len(c["steps"])):
-            with torch.no_grad():
-                out = model(**model.prepare_inputs_for_generation(ids, **kwargs))
-            kwargs = model._update_model_kwargs_for_generation(out, kwargs)
-            steps.append(out.logits[:, -1])
-            if k < cont.shape[1]:
-                ids = torch.cat([ids, cont[:, k:k + 1]], dim=1)
-        diff = np.abs(torch.stack(steps, dim=1).numpy() - arrays[c["step_logits_key"]]).max()
+        diff = np.abs(replay_cached_steps(model, c) - arrays[c["step_logits_key"]]).max()
         assert diff <= LOGIT_TOL, f"int{bits}/{c['name']}: max |Δlogit| {diff}"
 
 
