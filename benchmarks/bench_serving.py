@@ -197,14 +197,26 @@ def pct(values, p):
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
 
 
+def positive_ints(text: str) -> list:
+    """A comma-separated list of positive integers, e.g. "1,2,4,8"."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precisions", default="bf16,int4", help=f"comma-separated, of {','.join(PRECISIONS)}")
     p.add_argument("--layers", type=int, default=28, help="GLM blocks (28 = ChatGLM-6B; 1 for a quick check)")
-    p.add_argument("--clients", default="1,2,4,8,16", help="client counts to run, one after another")
+    p.add_argument("--clients", type=positive_ints, default="1,2,4,8,16",
+                   help="client counts to run, one after another")
     p.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
     p.add_argument("--new-tokens", type=int, default=64, help="completion tokens per request")
-    p.add_argument("--prompt-chars", default=PROMPT_CHARS,
+    p.add_argument("--prompt-chars", type=positive_ints, default=PROMPT_CHARS,
                    help="prompt lengths in characters, cycled over the requests (one value: every prompt alike)")
     p.add_argument("--kv-budget", default=None, help="api.py's --kv-budget, GiB (default: its own)")
     p.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "chatglm", "bench"))
@@ -214,15 +226,15 @@ def main():
     unknown = [x for x in precisions if x not in PRECISIONS]
     if unknown:
         p.error(f"unknown precision(s) {','.join(unknown)}; choose from {','.join(PRECISIONS)}")
-    clients = [int(x) for x in args.clients.split(",")]
-    lengths = [int(x) for x in args.prompt_chars.split(",")]
+    clients, lengths = args.clients, args.prompt_chars
     folder, tokenizer = serving_checkpoint(args.workdir, args.layers)
     with open(os.path.join(folder, "config.json")) as f:
         bias = visible_bias(tokenizer, json.load(f)["eos_token_id"])
     extra = ["--kv-budget", args.kv_budget] if args.kv_budget else []
     print(f"api.py on a random ChatGLM-6B-geometry checkpoint, {args.layers} layer(s); {args.requests} request(s) "
-          f"per client, {args.new_tokens} new tokens each, prompts of {args.prompt_chars} characters, every other "
-          f"one streamed; 'x tok/s' and 'x TTFT p95' are ratios to the first client count's tok/s and TTFT p95")
+          f"per client, {args.new_tokens} new tokens each, prompts of {','.join(map(str, lengths))} characters, "
+          f"every other one streamed; 'x tok/s' and 'x TTFT p95' are ratios to the first client count's tok/s and "
+          f"TTFT p95")
     rows = []
     for precision in precisions:
         server = Server(folder, PRECISIONS[precision], os.path.join(args.workdir, f"serving-{precision}.log"), extra)

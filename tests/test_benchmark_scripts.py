@@ -1,5 +1,6 @@
 """The one-command benchmark scripts run as their users run them: benchmarks/gpu_check.py (its no-GPU message, its
-argument checks, its parts on the CPU with --dry-run) and benchmarks/perf_report.py (its modes and its report)."""
+argument checks, its parts on the CPU with --dry-run), benchmarks/perf_report.py (its modes and its report) and
+bench_serving.py's argument checks."""
 import json
 import subprocess
 import sys
@@ -30,6 +31,14 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_2(tmp_path):
 def test_gpu_check_refuses_an_unknown_part():
     out = gpu_check("--parts", "fp16,fp64")
     assert out.returncode == 2 and "unknown part(s) fp64" in out.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--prompt-chars", "40,abc"), ("--clients", "0")])
+def test_bench_serving_refuses_a_bad_list_in_one_line_before_building_anything(flag, value):
+    out = subprocess.run([sys.executable, "benchmarks/bench_serving.py", flag, value, "--workdir", "/nonexistent"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"argument {flag}: expected positive integers separated by commas" in out.stderr
 
 
 def test_gpu_check_dry_run_runs_each_part_on_the_cpu_and_writes_one_json(tmp_path, demo_model_path):
