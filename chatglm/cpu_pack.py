@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import release_pages
-from .quantization import INT8_LAYOUT, QuantizedLinear
+from . import cpu_kernels
+from .quantization import INT8_LAYOUT, NUMBA_KERNELS, QuantizedLinear
 
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -115,26 +116,35 @@ class PackedLinear(nn.Module):
 # the packed buffer: for inner products oneDNN blocks the weight as [ceil(rows / b), cols / k, b, k] (b = 64 with
 # AVX-512; k = 2 in bf16, 1 in fp32: 32-bit groups), which we confirm on every chunk we pack by comparing rows with
 # the dense original; if it ever differs (another CPU or oneDNN), the head stays unpacked.
-# ---- bfloat16 prompts in float32, where the CPU has no bfloat16 arithmetic ---------------------------------------
+# ---- unpacked bfloat16 linears: decode rows by cpu_kernels, prompts in float32 ---------------------------------
 
-# Rows from which an unpacked bfloat16 block linear multiplies in float32: on AVX2 CPUs (no oneDNN bf16 kernels)
-# a bfloat16 GEMM ran ~6x slower than converting the weight a tile at a time and running a float32 one. Set per
-# machine by chatglm/kernel_choice.py; the default never converts.
+# Rows from which an unpacked bfloat16 linear multiplies in float32: on AVX2 CPUs (no oneDNN bf16 kernels) a bfloat16
+# GEMM ran ~6x slower than converting the weight a tile at a time and running a float32 one. Below it, NUMBA_ROWS
+# sends the call to chatglm/cpu_kernels.py's weight-streaming loop instead of F.linear. Both set per machine by
+# chatglm/kernel_choice.py; the defaults never convert and never use numba.
 FLOAT32_FROM_ROWS = 1 << 30
+NUMBA_ROWS = False
 UPCAST_CHUNK_ELEMENTS = 1 << 22  # weight elements converted at a time (16 MB in float32)
 
 
-class PromptFloat32Linear(nn.Linear):
-    """nn.Linear (same parameters, state dict and training) whose inference calls with at least FLOAT32_FROM_ROWS
-    bfloat16 rows multiply in float32: the weight is converted a tile at a time into one reused buffer, bias added
-    in float32, the output rounded to bfloat16 once."""
+class CpuBf16Linear(nn.Linear):
+    """nn.Linear (same parameters, state dict and training) whose bfloat16 inference calls on CPU take the faster
+    route where the CPU has no bfloat16 arithmetic: fewer than FLOAT32_FROM_ROWS rows through cpu_kernels (when
+    NUMBA_ROWS), more in float32 with the weight converted a tile at a time into one reused buffer. Either way the
+    bias is added in float32 and the output rounded to bfloat16 once."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or rows < FLOAT32_FROM_ROWS
+        fast = rows >= FLOAT32_FROM_ROWS or NUMBA_ROWS and cpu_kernels.available()
+        if (not fast or x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.weight.dtype != torch.bfloat16
                 or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
-        x32 = x.reshape(rows, self.in_features).float()
+        x2d = x.reshape(rows, self.in_features)
+        if rows < FLOAT32_FROM_ROWS:
+            y = cpu_kernels.matmul(x2d, self.weight)
+            y = y if self.bias is None else y.add_(self.bias.detach().float())
+            return y.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
+        x32 = x2d.float()
         y = torch.empty(rows, self.out_features, dtype=torch.bfloat16)
         chunk = max(1, UPCAST_CHUNK_ELEMENTS // self.in_features)
         buffer = torch.empty(min(chunk, self.out_features), self.in_features)
@@ -147,14 +157,13 @@ class PromptFloat32Linear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def upcast_prompts(model: nn.Module) -> nn.Module:
-    """Give the plain bfloat16 linears of every GLM block PromptFloat32Linear's forward (a class swap: parameters,
-    state dict and training stay nn.Linear's)."""
-    for block in model.transformer.layers:
-        for path in BLOCK_LINEARS:
-            layer = block.get_submodule(path)
-            if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:
-                layer.__class__ = PromptFloat32Linear
+def route_bf16_linears(model: nn.Module) -> nn.Module:
+    """Give the plain bfloat16 linears of every GLM block, and an unpacked lm_head, CpuBf16Linear's forward (a class
+    swap: parameters, ties, state dict and training stay nn.Linear's)."""
+    layers = [block.get_submodule(path) for block in model.transformer.layers for path in BLOCK_LINEARS]
+    for layer in layers + [getattr(model, "lm_head", None)]:
+        if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:
+            layer.__class__ = CpuBf16Linear
     return model
 
 
@@ -343,7 +352,7 @@ def pack_for_cpu(model: nn.Module, release_dense: bool = False) -> nn.Module:
             parent_path, name = path.split(".")
             parent = getattr(block, parent_path)
             layer = getattr(parent, name)
-            if type(layer) in (nn.Linear, PromptFloat32Linear) and packable(layer.weight):
+            if type(layer) in (nn.Linear, CpuBf16Linear) and packable(layer.weight):
                 setattr(parent, name, PackedLinear(layer))
     embedding, head = model.transformer.word_embeddings, getattr(model, "lm_head", None)
     if type(embedding) is nn.Embedding and type(head) is nn.Linear and head.weight is embedding.weight:
@@ -361,10 +370,11 @@ def prepare_for_cpu(model: nn.Module, dtype: torch.dtype, pack_dense: bool) -> n
     if pack_dense:
         pack_for_cpu(model, release_dense=True)
     if dtype == torch.bfloat16:
-        upcast_prompts(model)  # the block linears left unpacked (no oneDNN bf16 kernels here, or mkl chosen)
+        route_bf16_linears(model)  # the linears left unpacked (no oneDNN bf16 kernels here, or mkl / numba chosen)
     if dtype == torch.bfloat16 and getattr(model.config, "quantization_bit", 0):
         for m in model.modules():
-            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble"):
+            numba = (dtype, getattr(m, "bits", 0)) in NUMBA_KERNELS and cpu_kernels.available()
+            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble") and not numba:
                 m.repack_for_cpu()
     return model
 

@@ -4,13 +4,15 @@ Once per (CPU, torch version, thread count, format, shape), at load, the candida
 model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batched step (8 rows) and prompt rows
 (16, 128); the plan is cached in ~/.cache/chatglm/kernels.json ($CHATGLM_CACHE_DIR overrides the folder).
   fp32 / bf16: layout "onednn" (weights prepacked, chatglm/cpu_pack.py) or "mkl" (plain F.linear); bf16 also
-        fp32_from_rows, the rows from which an unpacked bf16 linear converts its weight and multiplies in float32
-        (cpu_pack.PromptFloat32Linear: wins for prompts and batches on CPUs without bfloat16 arithmetic).
-  int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py) or "int8pack" (official bytes,
-        `_weight_int8pack_mm`); int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
+        "numba" (chatglm/cpu_kernels.py's loop for decode rows) and fp32_from_rows, the rows from which an unpacked
+        bf16 linear converts its weight and multiplies in float32 (cpu_pack.CpuBf16Linear: wins for prompts and
+        batches on CPUs without bfloat16 arithmetic).
+  int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py), "int8pack" (official bytes,
+        `_weight_int8pack_mm`) or "numba" (official bytes, chatglm/cpu_kernels.py); int4: layout "nibble" (the INT4
+        op) or "numba"; int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
         a call dequantizes a tile at a time and runs the dense GEMM ("dequant"), and dequant_gemm, the dtype of that
         GEMM ("bf16", or "fp32" where the CPU has no bfloat16 arithmetic and a float32 GEMM is faster).
-CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=dequant,int8.fused_max_rows=32,
+CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=numba,int4=dequant,int8.fused_max_rows=32,
 int4.dequant_gemm=fp32" (int8/int4 also take "fused" and "dequant"); forced int8/int4 entries apply to float32
 activations too. CHATGLM_KERNEL_TIMING=0
 takes the defaults without timing; =1 times even tiny models and under pytest (which otherwise take the defaults).
@@ -27,21 +29,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import quantization
-from . import cpu_pack
+from . import cpu_kernels, cpu_pack, quantization
 from .cpu_int4 import cpu_int8_fused_ok
 from .cpu_pack import available as onednn_available
 from .quantization import QuantizedLinear
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
-CANDIDATES = {"fp32": ("onednn", "mkl"), "bf16": ("onednn", "mkl"), "int8": ("nibble", "int8pack", "fused", "dequant"),
-              "int4": ("fused", "dequant")}
+CANDIDATES = {"fp32": ("onednn", "mkl"), "bf16": ("onednn", "mkl", "numba"),
+              "int8": ("nibble", "int8pack", "numba", "fused", "dequant"), "int4": ("nibble", "numba", "fused", "dequant")}
 ALWAYS = 1 << 30  # fused_max_rows that means "always fused"
 DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_from_rows": 1 << 30},
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
-            "int4": {"fused_max_rows": 96, "dequant_gemm": "bf16"}}
+            "int4": {"layout": "nibble", "fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 3  # in the cache key: plans cached by older rules are timed again
+PLAN_VERSION = 4  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -81,6 +82,7 @@ def _install(fmt: str, plan: dict, forced: dict):
     _plans[fmt] = {**plan, **forced.get(fmt, {})}
     if fmt == "bf16":
         cpu_pack.FLOAT32_FROM_ROWS = _plans[fmt].get("fp32_from_rows", ALWAYS)
+        cpu_pack.NUMBA_ROWS = _plans[fmt]["layout"] == "numba"
     if fmt in FLOAT32_QUANTIZED:
         bits = int(fmt[3:])
         fp32 = {**FLOAT32_QUANTIZED[fmt], **forced.get(fmt, {})}
@@ -88,6 +90,8 @@ def _install(fmt: str, plan: dict, forced: dict):
             quantization.FUSED_MAX_ROWS[dtype, bits] = p["fused_max_rows"]
             if bits == 8:
                 quantization.INT8_LAYOUT[dtype] = p["layout"]
+            numba = p.get("layout") == "numba"
+            (quantization.NUMBA_KERNELS.add if numba else quantization.NUMBA_KERNELS.discard)((dtype, bits))
         quantization.DEQUANT_GEMM_DTYPE[torch.bfloat16, bits] = GEMM_DTYPES[_plans[fmt].get("dequant_gemm", "bf16")]
 
 
@@ -100,9 +104,12 @@ def reset():
 
 
 def dense_layout(dtype: torch.dtype) -> str:
-    """"onednn" (pack the dense weights, chatglm/cpu_pack.py) or "mkl" (leave them to F.linear)."""
+    """"onednn" (pack the dense weights, chatglm/cpu_pack.py), "numba" (bf16 decode rows by chatglm/cpu_kernels.py)
+    or "mkl" (leave them to F.linear): the plan's layout where this machine can run it."""
     fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
-    return _plans[fmt]["layout"] if fmt and onednn_available(dtype) else "mkl"
+    layout = _plans[fmt]["layout"] if fmt else "mkl"
+    runs = {"onednn": onednn_available(dtype), "numba": cpu_kernels.available(), "mkl": True}
+    return layout if runs.get(layout) else "mkl"
 
 
 def formats_of(dtype: torch.dtype, bits) -> list:
@@ -162,19 +169,23 @@ def _time_dense(fmt, out_features, in_features) -> dict:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         calls = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
         timings["onednn"] = _time_rows(calls, rows, dtype, in_features)
-    if fmt == "bf16":  # unpacked, several rows can multiply in float32 instead (cpu_pack.PromptFloat32Linear)
-        saved, cpu_pack.FLOAT32_FROM_ROWS = cpu_pack.FLOAT32_FROM_ROWS, 1
+    if fmt == "bf16":  # unpacked, several rows can multiply in float32 instead (cpu_pack.CpuBf16Linear)
+        saved = cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS
         try:
+            cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = 1, False
             timings["mkl/fp32"] = _time_rows(_upcast_copies(weights), rows, dtype, in_features)
+            if cpu_kernels.available():
+                cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = ALWAYS, True
+                timings["numba"] = _time_rows(_upcast_copies(weights), rows, dtype, in_features)
         finally:
-            cpu_pack.FLOAT32_FROM_ROWS = saved
+            cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = saved
     return timings
 
 
 def _upcast_copies(weights) -> list:
     layers = []
     for w in weights:
-        layer = cpu_pack.PromptFloat32Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer = cpu_pack.CpuBf16Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
         layers.append(layer)
     return layers
@@ -206,7 +217,8 @@ def _time_quantized(fmt, out_features, in_features) -> dict:
     """{"<layout>/<fused|dequant>": {rows: ms}} for the INT8 / INT4 candidates: fused at 1, 8 and PROMPT_ROWS,
     dequant at the last (it never wins a decode step: it reads the weight and writes it dequantized)."""
     bits = int(fmt[3:])
-    layouts = ["nibble"] + (["int8pack"] if bits == 8 and cpu_int8_fused_ok() else [])
+    layouts = (["nibble"] + (["int8pack"] if bits == 8 and cpu_int8_fused_ok() else [])
+               + (["numba"] if cpu_kernels.available() else []))
     timings = {}
     for layout in layouts:
         layers = _quantized_layers(bits, out_features, in_features, layout == "nibble")
@@ -271,7 +283,7 @@ def _decide(fmt, timings) -> dict:
         layout = min((k for k in timings if "/" not in k), key=lambda k: timings[k][1] + timings[k][8])
         if fmt == "fp32":
             return {"layout": layout}
-        upcast = timings.get("mkl/fp32") if layout == "mkl" else None  # packed layers never convert
+        upcast = timings.get("mkl/fp32") if layout != "onednn" else None  # packed layers never convert
         return {"layout": layout, "fp32_from_rows": ALWAYS if upcast is None else _first_win(timings[layout], upcast)}
     layouts = {k.split("/")[0] for k in timings}
     if not layouts:
@@ -279,7 +291,7 @@ def _decide(fmt, timings) -> dict:
     layout = min(layouts, key=lambda k: _turn_ms(timings, k))
     dequant, gemm = _dequant_ms(timings, layout)
     plan = {"fused_max_rows": _crossover(timings[layout + "/fused"], dequant), "dequant_gemm": gemm}
-    return {"layout": layout, **plan} if fmt == "int8" else plan
+    return {"layout": layout, **plan}
 
 
 # ---- per machine, cached -------------------------------------------------------------------------------------------

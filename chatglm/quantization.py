@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .cpu_int4 import (block_values, column_major, cpu_int4_layout, cpu_int8_fused_ok, group_size,
                        int8_pair_scales_and_zeros, pack_blocks, row_major, unit_scales_and_zeros,
                        values_from_nibbles, whole_blocks)
@@ -45,6 +46,8 @@ INT8_LAYOUT = {torch.bfloat16: "nibble", torch.float32: "int8pack"}
 # The dtype the dequantize-then-GEMM path multiplies in, per (activation dtype, bits): a CPU without bfloat16
 # arithmetic (AVX2) runs a bfloat16 GEMM several times slower than a float32 one; the integers are exact in either.
 DEQUANT_GEMM_DTYPE = {(torch.bfloat16, 8): torch.bfloat16, (torch.bfloat16, 4): torch.bfloat16}
+# (activation dtype, bits) whose fused calls run chatglm/cpu_kernels.py's loops on the official bytes (no repacking)
+NUMBA_KERNELS = set()
 INT8_AS_INT4_REPACK_ROWS = 1  # a batched call keeps an official INT8 weight (the INT8 op is faster from 4 rows on)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
@@ -322,6 +325,8 @@ class QuantizedLinear(nn.Module):
         dtype, n = x2d.dtype, x2d.shape[0]
         if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
             return None
+        if (dtype, self.bits) in NUMBA_KERNELS and cpu_kernels.available() and not self._repacked():
+            return self._numba_op(x2d, with_bias)
         state = self._operands(dtype)
         if state[0]:  # repacked for the INT4 op
             return self._int4_op(x2d, with_bias, state)
@@ -336,6 +341,13 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self._parameters["weight"], scale)
             return y.add_(bias) if with_bias and bias is not None else y
         return None
+
+    def _numba_op(self, x2d: torch.Tensor, with_bias: bool) -> torch.Tensor:
+        """The integer products in float32 (cpu_kernels), scaled and biased in float32, rounded once."""
+        y = cpu_kernels.matmul(x2d, self._parameters["weight"], self.bits).mul_(self.weight_scale.detach().float())
+        if with_bias and self.bias is not None:
+            y.add_(self.bias.detach().float())
+        return y.to(x2d.dtype)
 
     def _int4_op(self, x2d: torch.Tensor, with_bias: bool, state) -> torch.Tensor:
         _, scale, bias, table, group = state

@@ -20,9 +20,11 @@ BF16_LOGIT_TOL = 0.1  # its "compare loosely" bar for bf16 (here: bf16 paths aga
 CASES = [("tiny", "fp32=onednn"), ("tiny", "fp32=mkl"),
          ("tiny-int8", "int8=int8pack"), ("tiny-int8", "int8=nibble"), ("tiny-int8", "int8=fused"),
          ("tiny-int8", "int8=dequant"), ("tiny-int8", "int8=nibble,int8.fused_max_rows=3"),
+         ("tiny-int8", "int8=numba"), ("tiny-int8", "int8=numba,int8.fused_max_rows=3"),
          ("tiny-int8", "int8=dequant,int8.dequant_gemm=fp32"),
          ("tiny-int8", "int8=nibble,int8.fused_max_rows=3,int8.dequant_gemm=fp32"),
          ("tiny-int4", "int4=fused"), ("tiny-int4", "int4=dequant"), ("tiny-int4", "int4.fused_max_rows=3"),
+         ("tiny-int4", "int4=numba"), ("tiny-int4", "int4=numba,int4.fused_max_rows=3"),
          ("tiny-int4", "int4=dequant,int4.dequant_gemm=fp32"), ("tiny-int4", "int4.fused_max_rows=3,"
                                                                              "int4.dequant_gemm=fp32")]
 
@@ -77,7 +79,7 @@ def assert_candidate_in_force(model, forced):
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == (forced == "fp32=onednn")
     elif "int8=nibble" in forced:  # a one-row call repacks the INT8 weights for the INT4 op
         assert all(m.weight.dtype == torch.uint8 for m in layers)
-    elif "int8=int8pack" in forced:
+    elif "int8=int8pack" in forced or "=numba" in forced:  # the official bytes, never repacked
         assert all(m.weight.dtype == torch.int8 for m in layers)
 
 
@@ -98,13 +100,16 @@ def test_bfloat16_dense_candidates_agree(monkeypatch):
     with each other (oneDNN runs the same arithmetic either way; the float32 GEMM rounds once, at the end)."""
     g, arrays = load_golden("tiny")
     logits = []
-    for forced in ("bf16=onednn", "bf16=mkl", "bf16=mkl,bf16.fp32_from_rows=1"):
+    for forced in ("bf16=onednn", "bf16=mkl", "bf16=mkl,bf16.fp32_from_rows=1", "bf16=numba",
+                   "bf16=numba,bf16.fp32_from_rows=3"):
         _, model = forced_model(monkeypatch, "tiny", forced, "bfloat16")
         # without oneDNN bfloat16 kernels (AVX2 CPUs) a forced "onednn" runs as F.linear: nothing packed
         packed = forced == "bf16=onednn" and cpu_pack.available(torch.bfloat16)
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == packed
-        assert any(isinstance(m, cpu_pack.PromptFloat32Linear) for m in model.modules()) == (not packed)
-        assert cpu_pack.FLOAT32_FROM_ROWS == (1 if "fp32_from_rows" in forced else kernel_choice.ALWAYS)
+        assert any(isinstance(m, cpu_pack.CpuBf16Linear) for m in model.modules()) == (not packed)
+        from_rows = forced.partition("fp32_from_rows=")[2]
+        assert cpu_pack.FLOAT32_FROM_ROWS == (int(from_rows) if from_rows else kernel_choice.ALWAYS)
+        assert cpu_pack.NUMBA_ROWS == ("numba" in forced)
         with torch.no_grad():
             logits.append([model(**inputs(c, arrays)).logits.float() for c in g["forward"]])
     for other in logits[1:]:
@@ -114,13 +119,13 @@ def test_bfloat16_dense_candidates_agree(monkeypatch):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_bfloat16_prompt_in_float32_is_the_exact_product_rounded_once(monkeypatch, bias):
-    """PromptFloat32Linear at and above FLOAT32_FROM_ROWS: x @ W.T + b computed in float32 over chunks of the
+    """CpuBf16Linear at and above FLOAT32_FROM_ROWS: x @ W.T + b computed in float32 over chunks of the
     weight, rounded to bfloat16 once; below it, and when gradients are wanted, plain F.linear."""
     monkeypatch.setattr(cpu_pack, "FLOAT32_FROM_ROWS", 4)
     monkeypatch.setattr(cpu_pack, "UPCAST_CHUNK_ELEMENTS", 64 * 48)  # several chunks, a short last one
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(64, 200, bias=bias).bfloat16()
-    layer.__class__ = cpu_pack.PromptFloat32Linear
+    layer.__class__ = cpu_pack.CpuBf16Linear
     x = torch.randn(2, 3, 64, generator=g).bfloat16()
     exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     with torch.no_grad():
@@ -189,12 +194,18 @@ def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == 1
     dense["mkl/fp32"] = {1: 11.0, 8: 14.0, 16: 15.0, 128: 60.0}
     assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == kernel_choice.ALWAYS
+    # numba's loop wins decode and small batches; float32 wins from 9 rows (the lines cross between 8 and 16)
+    dense["numba"] = {1: 5.0, 4: 8.0, 8: 12.0, 16: 30.0, 128: 400.0}
+    assert kernel_choice._decide("bf16", dense) == {"layout": "numba", "fp32_from_rows": 9}
     # fused 1 ms per row from 16 rows on, dequantize-then-GEMM 64 ms: fused up to 64 rows
     int4 = {"nibble/fused": {1: 2.0, 8: 8.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0}}
-    assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 64, "dequant_gemm": "bf16"}
+    assert kernel_choice._decide("int4", int4) == {"layout": "nibble", "fused_max_rows": 64, "dequant_gemm": "bf16"}
     # no bfloat16 arithmetic (AVX2): the float32 GEMM is faster, wins, and moves the crossover
     int4["nibble/dequant-fp32"] = {128: 32.0}
-    assert kernel_choice._decide("int4", int4) == {"fused_max_rows": 32, "dequant_gemm": "fp32"}
+    assert kernel_choice._decide("int4", int4) == {"layout": "nibble", "fused_max_rows": 32, "dequant_gemm": "fp32"}
+    # numba's loop decodes 3x faster; its prompts (official bytes) dequantize a little slower: still the turn's winner
+    int4.update({"numba/fused": {1: 0.7, 8: 5.0, 16: 10.0, 128: 80.0}, "numba/dequant-fp32": {128: 40.0}})
+    assert kernel_choice._decide("int4", int4) == {"layout": "numba", "fused_max_rows": 64, "dequant_gemm": "fp32"}
     int8 = {"nibble/fused": {1: 3.0, 8: 9.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0},
             "int8pack/fused": {1: 2.0, 8: 8.0, 16: 20.0, 128: 20.0}, "int8pack/dequant": {128: 64.0}}
     assert kernel_choice._decide("int8", int8) == {"layout": "int8pack", "fused_max_rows": kernel_choice.ALWAYS,
