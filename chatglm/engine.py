@@ -1,11 +1,14 @@
 """The decode engine: one prefill/decode loop over a batch of live sequences (continuous batching).
 
-Each step admits at most one waiting sequence (first come, first served) and prefills it alone, then runs one
-decode step over every other live sequence together: the weight matmuls see all rows at once (one pass over the
-weights serves the batch; that is the speed-up on CPUs, where decoding is bound by reading the weights) while each
-row attends over its own KV cache (kv_cache.RaggedCache). GLM prompts are prefix-LM (the context before <sop> is
-attended bidirectionally), so a prompt cannot be prefilled in chunks exactly; newcomers are interleaved instead,
-one prefill between two decode steps. Finished or cancelled sequences leave at once and free their cache.
+Each step admits the waiting sequences that fit (first come, first served) and prefills them together, their
+prompts laid end to end (kv_cache.PackedPrompts: the weight matmuls run once over all the prompts' tokens, each
+prompt attends over its own cache), then runs one decode step over every other live sequence together: again the
+weight matmuls see all rows at once (one pass over the weights serves the batch; that is the speed-up on CPUs, where
+decoding is bound by reading the weights) while each row attends over its own KV cache (kv_cache.RaggedCache). GLM
+prompts are prefix-LM (the context before <sop> is attended bidirectionally), so a prompt cannot be prefilled in
+chunks exactly; a step packs newcomers only up to PACK_TOKENS prompt tokens (a longer prompt goes alone), which
+bounds how long one prefill holds up the others' streams. Finished or cancelled sequences leave at once and free
+their cache.
 
 A KV memory budget decides admission: a sequence is admitted only when its worst-case cache (max length x bytes
 per token) fits beside the others'; otherwise it waits (a sequence that alone exceeds the budget runs alone).
@@ -16,11 +19,17 @@ from typing import Callable, List, Optional, Sequence as Seq
 import psutil
 import torch
 
-from .kv_cache import KVCache, RaggedCache
+from .kv_cache import KVCache, PackedPrompts, RaggedCache
 from .positions import glm_anchors, glm_positions
 from .sampling import Sampler
 from .text import IncrementalDecoder, cut_at_stop, process_response, without_stop_prefix
 from .validation import GenerationOptions
+
+
+# Most prompt tokens prefilled together in one step: prompts arriving together cost about one prefill instead of one
+# each (on a CPU a short prompt's prefill is bound by streaming the weights, like a decode step), while a step's
+# prefill, during which the running streams wait, stays about as long as one 256-token prompt's.
+PACK_TOKENS = 256
 
 
 def kv_bytes_per_token(model) -> int:
@@ -134,18 +143,18 @@ class Engine:
         self.waiting.append(seq)
 
     def step(self) -> List[Sequence]:
-        """One engine step: drop cancelled sequences, prefill at most one newcomer, decode the rest by one token.
+        """One engine step: drop cancelled sequences, prefill the newcomers that fit, decode the rest by one token.
         Returns every sequence that changed (a new token, finished, or cancelled)."""
         changed = self._drop_cancelled()
         with torch.inference_mode():  # per step, never across a caller's yield (it may resume on another thread)
-            newcomer = self._admit()
+            newcomers = self._admit()
             rows = list(self.running)
-            if newcomer is not None:
-                self._prefill(newcomer)
-                self.running.append(newcomer)
+            if newcomers:
+                self._prefill(newcomers)
+                self.running.extend(newcomers)
             if rows:
                 self._decode(rows)
-        changed += rows + ([newcomer] if newcomer is not None else [])
+        changed += rows + newcomers
         for seq in changed:
             if seq.finished and seq in self.running:
                 self.running.remove(seq)
@@ -161,20 +170,43 @@ class Engine:
         self.running = [s for s in self.running if not s.finished]
         return gone
 
-    def _admit(self) -> Optional[Sequence]:
-        if not self.waiting:
-            return None
-        need = self.waiting[0].cache_tokens * self.bytes_per_token
-        if self.running and self.reserved + need > self.kv_budget:
-            return None  # first come, first served: later (smaller) requests do not overtake
-        return self.waiting.popleft()
+    def _admit(self) -> List[Sequence]:
+        """The waiting sequences to prefill now, in arrival order: while their caches fit the budget beside the
+        running ones' and their prompts total at most PACK_TOKENS (the first one always, if nothing runs)."""
+        admitted, reserved, tokens = [], self.reserved, 0
+        while self.waiting:
+            seq = self.waiting[0]
+            need = seq.cache_tokens * self.bytes_per_token
+            crowded = (self.running or admitted) and reserved + need > self.kv_budget
+            if crowded or admitted and tokens + len(seq.ids) > PACK_TOKENS:
+                break  # first come, first served: later (smaller) requests do not overtake
+            admitted.append(self.waiting.popleft())
+            reserved, tokens = reserved + need, tokens + len(seq.ids)
+        return admitted
 
-    def _prefill(self, seq: Sequence):
-        seq.cache = KVCache(self.model.config, max_length=seq.cache_tokens)
-        ids = torch.tensor([seq.ids], device=self.device)
-        positions = glm_positions(seq.context_length, seq.mask_position, 0, len(seq.ids), self.device)
-        out = self.model(input_ids=ids, position_ids=positions[None], cache=seq.cache, logits_to_keep=1)
-        seq.next_token(out.logits[:, -1].float())
+    def _prefill(self, seqs: List[Sequence]):
+        spans, masks, start = [], [], 0
+        for seq in seqs:
+            seq.cache = KVCache(self.model.config, max_length=seq.cache_tokens)
+            spans.append((start, start + len(seq.ids)))
+            masks.append(self._prompt_mask(seq))
+            start += len(seq.ids)
+        ids = torch.tensor([[t for seq in seqs for t in seq.ids]], device=self.device)
+        positions = torch.cat([glm_positions(s.context_length, s.mask_position, 0, len(s.ids), self.device)
+                               for s in seqs], dim=1)
+        packed = PackedPrompts([s.cache for s in seqs], spans, masks)
+        h = self.model.transformer(input_ids=ids, position_ids=positions[None], cache=packed)
+        last = torch.tensor([end - 1 for _, end in spans], device=self.device)
+        scores = self.model.lm_head(h[0, last]).float()
+        for i, seq in enumerate(seqs):
+            seq.next_token(scores[i:i + 1])
+
+    def _prompt_mask(self, seq: Sequence) -> torch.Tensor:
+        """The [1, 1, L, prefix + L] mask the model builds for this prompt alone (True = blocked)."""
+        mask = self.model.transformer.build_mask(torch.tensor([seq.ids], device=self.device))
+        if seq.pre_seq_len:
+            mask = torch.cat([mask.new_zeros(1, 1, len(seq.ids), seq.pre_seq_len), mask], dim=3)
+        return mask
 
     def _decode(self, rows: List[Sequence]):
         ids = torch.tensor([[s.ids[-1]] for s in rows], device=self.device)

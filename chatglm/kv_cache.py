@@ -132,3 +132,28 @@ class RaggedCache:
             keys, values = cache.update(k[i:i + 1], v[i:i + 1], layer_idx)
             out.append(attention(q[i:i + 1], keys, values))
         return torch.cat(out)
+
+
+class PackedPrompts:
+    """Several newcomers' prompts prefilled in one forward pass (chatglm.engine): their tokens are laid end to end in
+    batch row 0, so the weight matmuls run once over all of them, while each prompt writes to and attends over its
+    own cache with its own GLM mask (and the P-Tuning prefix, if any, in front) -- exactly what it computes alone.
+
+    spans: (start, end) of each prompt along the sequence; masks: each prompt's [1, 1, L, prefix + L] bool mask
+    (True = blocked)."""
+
+    def __init__(self, caches, spans, masks):
+        self.caches, self.spans, self.masks = caches, spans, masks
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # every prompt starts its cache here
+
+    def attend(self, layer_idx: int, q, k, v, attention, prefix_kv=None):
+        """q, k, v: [1, nh, T, hd]; attention(q, keys, values, mask) for one prompt -> [1, nh, L, hd]."""
+        out = []
+        for cache, (start, end), mask in zip(self.caches, self.spans, self.masks):
+            if prefix_kv is not None:
+                cache.update(prefix_kv[0], prefix_kv[1], layer_idx)
+            keys, values = cache.update(k[:, :, start:end], v[:, :, start:end], layer_idx)
+            out.append(attention(q[:, :, start:end], keys, values, mask))
+        return torch.cat(out, dim=2)

@@ -21,7 +21,7 @@ from .beam_search import beam_search
 from .chat import OPTION_NAMES, chat_with_generate, generation_options
 from .configuration import ChatGLMConfig
 from .engine import Engine, Sequence
-from .kv_cache import KVCache, RaggedCache
+from .kv_cache import KVCache, PackedPrompts, RaggedCache
 from .positions import glm_anchors, glm_positions
 from .quantize import quantize_model, replace_with_empty_quantized
 from .text import History, build_prompt
@@ -119,6 +119,10 @@ class SelfAttention(nn.Module):
         q, k = qk.unbind(-2)
         if isinstance(cache, RaggedCache):  # the engine's decode step: each row attends over its own cache
             ctx = cache.attend(self.layer_idx, q, k, v, lambda q, k, v: attention(q, k, v, mask, self.layer_idx + 1))
+            return self.dense(ctx.transpose(1, 2).reshape(B, S, -1))
+        if isinstance(cache, PackedPrompts):  # the engine's prefill of several prompts laid end to end
+            ctx = cache.attend(self.layer_idx, q, k, v, lambda q, k, v, m: attention(q, k, v, m, self.layer_idx + 1),
+                               prefix_kv)
             return self.dense(ctx.transpose(1, 2).reshape(B, S, -1))
         if cache is not None:
             if prefix_kv is not None:  # P-Tuning: the (unrotated) prefix goes in front, once, on the first step

@@ -71,6 +71,49 @@ def test_every_row_of_a_batch_gets_the_tokens_it_gets_alone(name):
     assert len({tuple(reply_ids(s)) for s in alone}) >= 3  # different replies, so a mix-up would show
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-ptuning-proj", "tiny-int4"])
+def test_prompts_arriving_together_are_prefilled_in_one_pass_and_each_gets_its_tokens(name):
+    """Newcomers of one step share one prefill (their prompts end to end, each attending over its own cache):
+    the model runs once for all of them, and every reply is the one it gets alone."""
+    tok, model = model_named(name)
+    sampled = GREEDY.with_(do_sample=True, temperature=0.9, top_p=0.8, seed=99)
+    cases = [(q, GREEDY) for q in QUERIES] + [(QUERIES[0], sampled)]
+    alone = [run_alone(tok, model, q, o) for q, o in cases]
+    calls = []
+    hook = model.transformer.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        engine = Engine(model, kv_budget=UNLIMITED)
+        together = [sequence(tok, model, q, o) for q, o in cases]
+        for seq in together:
+            engine.add(seq)
+        engine.step()
+        # one forward pass prefilled all five: each has its first token
+        assert len(calls) == 1 and not engine.waiting and all(len(s.ids) == s.n_prompt + 1 for s in together)
+        while not engine.idle:
+            engine.step()
+    finally:
+        hook.remove()
+    for a, b in zip(alone, together):
+        assert reply_ids(b) == reply_ids(a)
+        assert (b.response, b.finish_reason) == (a.response, a.finish_reason)
+
+
+def test_a_step_packs_newcomers_only_up_to_pack_tokens(monkeypatch):
+    from chatglm import engine as engine_module
+    tok, model = model_named("tiny")
+    seqs = [sequence(tok, model, q) for q in QUERIES]
+    sizes = [len(s.ids) for s in seqs]
+    monkeypatch.setattr(engine_module, "PACK_TOKENS", sizes[0] + sizes[1])
+    engine = Engine(model, kv_budget=UNLIMITED)
+    for seq in seqs:
+        engine.add(seq)
+    engine.step()
+    assert list(engine.waiting) == seqs[2:] and all(len(s.ids) == s.n_prompt + 1 for s in seqs[:2])
+    monkeypatch.setattr(engine_module, "PACK_TOKENS", 1)  # a prompt longer than the limit still goes (alone)
+    engine.step()
+    assert list(engine.waiting) == seqs[3:]
+
+
 @pytest.mark.parametrize("quantize", [None, 4])
 def test_bf16_batched_logits_stay_within_1e_2_of_single(quantize):
     from chatglm import load_model
@@ -161,12 +204,15 @@ def test_decode_positions_follow_the_glm_rule_for_the_whole_sequence():
     """The positions fed per step equal what the model's rule gives for the whole sequence so far."""
     tok, model = model_named("tiny")
     fed = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kw: fed.append(kw["position_ids"]), with_kwargs=True)
+    def positions(module, args, kw):  # the engine's prefill passes keywords, the model's forward positions
+        fed.append(kw["position_ids"] if "position_ids" in kw else args[1])
+    hook = model.transformer.register_forward_pre_hook(positions, with_kwargs=True)
     try:
         engine = Engine(model, kv_budget=UNLIMITED)
         seqs = [sequence(tok, model, q) for q in (QUERIES[1], QUERIES[3])]  # both reply with 24 tokens
-        for seq in seqs:
-            engine.add(seq)
+        engine.add(seqs[0])
+        engine.step()
+        engine.add(seqs[1])  # one step later: prefilled alone, then one token behind the first
         while not engine.idle:
             engine.step()
     finally:
