@@ -260,7 +260,9 @@ class ChatGLMModel(nn.Module):
         past_len = cache.get_seq_length() if cache is not None else 0
         first = past_len == 0
         if first:
-            if attention_mask is None or attention_mask.dtype != torch.bool:
+            if isinstance(cache, PackedPrompts):  # each prompt brings its own mask
+                attention_mask = None
+            elif attention_mask is None or attention_mask.dtype != torch.bool:
                 attention_mask = self.build_mask(input_ids)
             if position_ids is None:
                 position_ids = self.build_position_ids(input_ids)

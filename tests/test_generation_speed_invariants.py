@@ -74,8 +74,9 @@ def test_engine_decoding_extends_positions_without_rereading_the_ids(tok_model, 
     real = model.transformer.context_lengths
     monkeypatch.setattr(model.transformer, "context_lengths", lambda ids: calls.append(1) or real(ids))
     fed = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kw: fed.append((kw["input_ids"], kw["position_ids"])),
-                                           with_kwargs=True)
+    def inputs(module, args, kw):  # the engine's prefill passes keywords; the model's forward passes positions
+        fed.append((kw["input_ids"], kw["position_ids"]) if "input_ids" in kw else args[:2])
+    hook = model.transformer.register_forward_pre_hook(inputs, with_kwargs=True)
     counts = {}
     try:
         for n in (3, 16):

@@ -188,7 +188,7 @@ def test_chat_edge_cases(demo_model_path):
 def test_closing_a_stream_stops_generation(demo_model_path):
     tok, model = load_model(demo_model_path, device="cpu")
     forwards = []
-    hook = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    hook = model.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))  # prefill and decode steps
     try:
         stream = model.stream_chat(tok, "写一篇很长的文章", max_length=2000, top_p=1.0, temperature=1.0)
         next(stream)
