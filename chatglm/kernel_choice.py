@@ -42,7 +42,7 @@ DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_fro
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
             "int4": {"layout": "nibble", "fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 4  # in the cache key: plans cached by older rules are timed again
+PLAN_VERSION = 5  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -260,6 +260,16 @@ def _first_win(slow: dict, fast: dict) -> int:
     return ALWAYS
 
 
+def _extrapolated_win(slow: dict, fast: dict) -> int:
+    """Where `fast` would overtake `slow` past the rows timed, both taken as lines through PROMPT_ROWS[1:] (a
+    weight-streaming loop grows with every row; a converted-weight GEMM hardly does); ALWAYS if it never would."""
+    (r0, r1) = PROMPT_ROWS[1:]
+    slow_slope, fast_slope = [(t[r1] - t[r0]) / (r1 - r0) for t in (slow, fast)]
+    if fast_slope >= slow_slope:
+        return ALWAYS
+    return min(4096, max(r1 + 1, math.ceil(r1 + (fast[r1] - slow[r1]) / (slow_slope - fast_slope))))
+
+
 def _dequant_ms(timings, layout) -> tuple:
     """(dequantize-then-GEMM {rows: ms} of the faster GEMM dtype, that dtype's name) on `layout`; a dtype not
     timed (bf16 where oneDNN has no bf16 kernels) does not compete."""
@@ -284,7 +294,12 @@ def _decide(fmt, timings) -> dict:
         if fmt == "fp32":
             return {"layout": layout}
         upcast = timings.get("mkl/fp32") if layout != "onednn" else None  # packed layers never convert
-        return {"layout": layout, "fp32_from_rows": ALWAYS if upcast is None else _first_win(timings[layout], upcast)}
+        if upcast is None:
+            return {"layout": layout, "fp32_from_rows": ALWAYS}
+        # level at 128 rows (noise decides) must not mean "never": longer prompts then take the GEMM that scales
+        from_rows = _first_win(timings[layout], upcast)
+        from_rows = from_rows if from_rows != ALWAYS else _extrapolated_win(timings[layout], upcast)
+        return {"layout": layout, "fp32_from_rows": from_rows}
     layouts = {k.split("/")[0] for k in timings}
     if not layouts:
         return dict(DEFAULTS[fmt])

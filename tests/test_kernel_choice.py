@@ -197,6 +197,13 @@ def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     # numba's loop wins decode and small batches; float32 wins from 9 rows (the lines cross between 8 and 16)
     dense["numba"] = {1: 5.0, 4: 8.0, 8: 12.0, 16: 30.0, 128: 400.0}
     assert kernel_choice._decide("bf16", dense) == {"layout": "numba", "fp32_from_rows": 9}
+    # numba still ahead at 128 rows (noise can decide that): the lines through 16 and 128 rows cross at 150 (numba
+    # +0.625 ms a row, float32 +0.25), so longer prompts still convert
+    dense["mkl/fp32"] = {1: 30.0, 4: 30.0, 8: 30.0, 16: 60.0, 128: 88.0}
+    dense["numba"] = {1: 5.0, 4: 8.0, 8: 12.0, 16: 10.0, 128: 80.0}
+    assert kernel_choice._decide("bf16", dense) == {"layout": "numba", "fp32_from_rows": 150}
+    dense["mkl/fp32"][128] = 140.0  # float32 grows faster: never
+    assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == kernel_choice.ALWAYS
     # fused 1 ms per row from 16 rows on, dequantize-then-GEMM 64 ms: fused up to 64 rows
     int4 = {"nibble/fused": {1: 2.0, 8: 8.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0}}
     assert kernel_choice._decide("int4", int4) == {"layout": "nibble", "fused_max_rows": 64, "dequant_gemm": "bf16"}
