@@ -1,6 +1,7 @@
 """cli_demo.py as a user runs it: a real subprocess in a pseudo-terminal (pexpect), typing with line editing,
 Chinese and emoji, clear/stop, Ctrl-C during a reply and at the prompt, Ctrl-D."""
 import os
+import signal
 import re
 import sys
 from pathlib import Path
@@ -30,8 +31,11 @@ def greedy(ref, query, history=(), max_length=200):
 def spawn(demo_model_path, *args):
     env = {**os.environ, "CHATGLM_DEMO_DIR": demo_model_path, "TERM": "xterm", "LANG": "C.UTF-8"}
     env.pop("CHATGLM_MODEL", None)  # no --model-path: the demo checkpoint, announced as such
+    # SIGINT back to its default in the child: a test run started in the background inherits it ignored, and the
+    # Ctrl-C tests would then test nothing but the runner
     child = pexpect.spawn(sys.executable, ["cli_demo.py", "--temperature", "0", *args], cwd=str(ROOT), env=env,
-                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+                          encoding="utf-8", timeout=120, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(PROMPT)
     return child
 
