@@ -4,9 +4,9 @@ no compiler is needed on the user's machine).
 A decode step multiplies a few rows (1 per sequence in the batch) by every weight of the model, so its speed is the
 speed at which the weights stream from memory. Where the CPU has no bfloat16 arithmetic (AVX2), PyTorch's ops leave
 much of that unused: on a 2-core AVX2 EPYC with ~38 GB/s of read bandwidth, F.linear read bfloat16 weights at
-~20 GB/s and the INT4 op its packed weights at ~7 GB/s; these loops read them at ~34 and ~21 GB/s
-(benchmarks/README.md). Each weight value is widened to float32 in registers and multiplied with up to 4 rows at
-once; sums are float32 and rounded once, by the caller. They read the official layouts as they are (no repacking):
+~20 GB/s and the INT4 op its packed weights at ~7 GB/s; these loops read them at ~28-34 and ~15-21 GB/s
+(benchmarks/README.md). Each weight value is widened to float32 in registers and multiplied with up to 4 input rows
+at once (the loops take 2 weight rows x 4 input rows per pass); sums are float32 and rounded once, by the caller. They read the official layouts as they are (no repacking):
 bfloat16 [out, in], INT8 [out, in], INT4 [out, in/2] with the even column in the high nibble. chatglm/
 kernel_choice.py times them against PyTorch's ops on each machine; without numba they are simply not candidates.
 """
