@@ -6,9 +6,10 @@ speed at which the weights stream from memory. Where the CPU has no bfloat16 ari
 much of that unused: on a 2-core AVX2 EPYC with ~38 GB/s of read bandwidth, F.linear read bfloat16 weights at
 ~20 GB/s and the INT4 op its packed weights at ~7 GB/s; these loops read them at ~28-34 and ~15-21 GB/s
 (benchmarks/README.md). Each weight value is widened to float32 in registers and multiplied with up to 4 input rows
-at once (the loops take 2 weight rows x 4 input rows per pass); sums are float32 and rounded once, by the caller. They read the official layouts as they are (no repacking):
-bfloat16 [out, in], INT8 [out, in], INT4 [out, in/2] with the even column in the high nibble. chatglm/
-kernel_choice.py times them against PyTorch's ops on each machine; without numba they are simply not candidates.
+at once (the loops take 2 weight rows x 4 input rows per pass); sums are float32 and rounded once, by the caller.
+They read the official layouts as they are (no repacking): bfloat16 [out, in], INT8 [out, in], INT4 [out, in/2] with
+the even column in the high nibble. chatglm/kernel_choice.py times them against PyTorch's ops on each machine;
+without numba they are simply not candidates.
 """
 import threading
 

@@ -121,7 +121,7 @@ class PackedLinear(nn.Module):
 # Rows from which an unpacked bfloat16 linear multiplies in float32: on AVX2 CPUs (no oneDNN bf16 kernels) a bfloat16
 # GEMM ran ~6x slower than converting the weight a tile at a time and running a float32 one. Below it, NUMBA_ROWS
 # sends the call to chatglm/cpu_kernels.py's weight-streaming loop instead of F.linear. Both set per machine by
-# chatglm/kernel_choice.py; the defaults never convert and never use numba.
+# chatglm/kernel_choice.py (NUMBA_ROWS only where numba is installed); the defaults never convert nor use numba.
 FLOAT32_FROM_ROWS = 1 << 30
 NUMBA_ROWS = False
 UPCAST_CHUNK_ELEMENTS = 1 << 22  # weight elements converted at a time (16 MB in float32)
@@ -135,7 +135,7 @@ class CpuBf16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        fast = rows >= FLOAT32_FROM_ROWS or NUMBA_ROWS and cpu_kernels.available()
+        fast = rows >= FLOAT32_FROM_ROWS or NUMBA_ROWS
         if (not fast or x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.weight.dtype != torch.bfloat16
                 or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
@@ -373,8 +373,8 @@ def prepare_for_cpu(model: nn.Module, dtype: torch.dtype, pack_dense: bool) -> n
         route_bf16_linears(model)  # the linears left unpacked (no oneDNN bf16 kernels here, or mkl / numba chosen)
     if dtype == torch.bfloat16 and getattr(model.config, "quantization_bit", 0):
         for m in model.modules():
-            numba = (dtype, getattr(m, "bits", 0)) in NUMBA_KERNELS and cpu_kernels.available()
-            if isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble") and not numba:
+            if (isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble")
+                    and (dtype, m.bits) not in NUMBA_KERNELS):
                 m.repack_for_cpu()
     return model
 

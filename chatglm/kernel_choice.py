@@ -36,7 +36,8 @@ from .quantization import QuantizedLinear
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
 CANDIDATES = {"fp32": ("onednn", "mkl"), "bf16": ("onednn", "mkl", "numba"),
-              "int8": ("nibble", "int8pack", "numba", "fused", "dequant"), "int4": ("nibble", "numba", "fused", "dequant")}
+              "int8": ("nibble", "int8pack", "numba", "fused", "dequant"),
+              "int4": ("nibble", "numba", "fused", "dequant")}
 ALWAYS = 1 << 30  # fused_max_rows that means "always fused"
 DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_from_rows": 1 << 30},
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
@@ -82,7 +83,7 @@ def _install(fmt: str, plan: dict, forced: dict):
     _plans[fmt] = {**plan, **forced.get(fmt, {})}
     if fmt == "bf16":
         cpu_pack.FLOAT32_FROM_ROWS = _plans[fmt].get("fp32_from_rows", ALWAYS)
-        cpu_pack.NUMBA_ROWS = _plans[fmt]["layout"] == "numba"
+        cpu_pack.NUMBA_ROWS = _plans[fmt]["layout"] == "numba" and cpu_kernels.available()
     if fmt in FLOAT32_QUANTIZED:
         bits = int(fmt[3:])
         fp32 = {**FLOAT32_QUANTIZED[fmt], **forced.get(fmt, {})}
@@ -90,7 +91,7 @@ def _install(fmt: str, plan: dict, forced: dict):
             quantization.FUSED_MAX_ROWS[dtype, bits] = p["fused_max_rows"]
             if bits == 8:
                 quantization.INT8_LAYOUT[dtype] = p["layout"]
-            numba = p.get("layout") == "numba"
+            numba = p.get("layout") == "numba" and cpu_kernels.available()  # a forced "numba" without numba: torch
             (quantization.NUMBA_KERNELS.add if numba else quantization.NUMBA_KERNELS.discard)((dtype, bits))
         quantization.DEQUANT_GEMM_DTYPE[torch.bfloat16, bits] = GEMM_DTYPES[_plans[fmt].get("dequant_gemm", "bf16")]
 

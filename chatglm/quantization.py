@@ -46,7 +46,8 @@ INT8_LAYOUT = {torch.bfloat16: "nibble", torch.float32: "int8pack"}
 # The dtype the dequantize-then-GEMM path multiplies in, per (activation dtype, bits): a CPU without bfloat16
 # arithmetic (AVX2) runs a bfloat16 GEMM several times slower than a float32 one; the integers are exact in either.
 DEQUANT_GEMM_DTYPE = {(torch.bfloat16, 8): torch.bfloat16, (torch.bfloat16, 4): torch.bfloat16}
-# (activation dtype, bits) whose fused calls run chatglm/cpu_kernels.py's loops on the official bytes (no repacking)
+# (activation dtype, bits) whose fused calls run chatglm/cpu_kernels.py's loops on the official bytes (no repacking);
+# kernel_choice puts them here only where numba is installed
 NUMBA_KERNELS = set()
 INT8_AS_INT4_REPACK_ROWS = 1  # a batched call keeps an official INT8 weight (the INT8 op is faster from 4 rows on)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
@@ -325,7 +326,7 @@ class QuantizedLinear(nn.Module):
         dtype, n = x2d.dtype, x2d.shape[0]
         if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
             return None
-        if (dtype, self.bits) in NUMBA_KERNELS and cpu_kernels.available() and not self._repacked():
+        if (dtype, self.bits) in NUMBA_KERNELS and not self._repacked():
             return self._numba_op(x2d, with_bias)
         state = self._operands(dtype)
         if state[0]:  # repacked for the INT4 op
@@ -344,9 +345,10 @@ class QuantizedLinear(nn.Module):
 
     def _numba_op(self, x2d: torch.Tensor, with_bias: bool) -> torch.Tensor:
         """The integer products in float32 (cpu_kernels), scaled and biased in float32, rounded once."""
-        y = cpu_kernels.matmul(x2d, self._parameters["weight"], self.bits).mul_(self.weight_scale.detach().float())
-        if with_bias and self.bias is not None:
-            y.add_(self.bias.detach().float())
+        _, scale, bias, _, _ = self._operands(torch.float32)  # cached: no conversion per call
+        y = cpu_kernels.matmul(x2d, self._parameters["weight"], self.bits).mul_(scale)
+        if with_bias and bias is not None:
+            y.add_(bias)
         return y.to(x2d.dtype)
 
     def _int4_op(self, x2d: torch.Tensor, with_bias: bool, state) -> torch.Tensor:
