@@ -58,42 +58,50 @@ if numba is not None:
 
     _high, _low = _nibble_intrinsic(24), _nibble_intrinsic(28)
 
-    # Both kernels take the weight two output rows at a time (n and n + 1; the same row twice at the end of an odd
-    # count) and the input four rows at a time: every widened weight value and every loaded input value serves
+    # Both kernels take the input four rows at a time and the weight two output rows at a time (n and n + 1; the
+    # last row twice at the end of an odd count): every widened weight value and every loaded input value serves
     # several multiply-adds, which is what makes a batch of 8 cost ~2x one row instead of ~3x (loads bound them).
+    # Rows left over (all of them at batch 1) take four weight rows each in _rows_times_weight: four independent
+    # sums keep the loads in flight (1.1-1.25x two rows on one [16384, 4096] matrix; benchmarks/README.md).
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def _rows_times_weight(x, w, out):
         """out[m, n] = sum_k x[m, k] * w[n, k] for bfloat16-bit (uint16) or int8 `w`, float32 x and out."""
         rows, k_size = x.shape
         last = w.shape[0] - 1
-        for pair in prange((last + 2) // 2):
-            n, n1 = 2 * pair, min(2 * pair + 1, last)
+        for quad in prange((last + 4) // 4):
+            q = 4 * quad
             m = 0
             while m + 4 <= rows:
-                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-                for k in range(k_size):
-                    v, u = _float32(w[n, k]), _float32(w[n1, k])
-                    x0, x1, x2, x3 = x[m, k], x[m + 1, k], x[m + 2, k], x[m + 3, k]
-                    a0 += v * x0
-                    a1 += v * x1
-                    a2 += v * x2
-                    a3 += v * x3
-                    b0 += u * x0
-                    b1 += u * x1
-                    b2 += u * x2
-                    b3 += u * x3
-                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a0, a1, a2, a3
-                out[m, n1], out[m + 1, n1], out[m + 2, n1], out[m + 3, n1] = b0, b1, b2, b3
+                for n in (q, q + 2):
+                    n, n1 = min(n, last), min(n + 1, last)
+                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                    for k in range(k_size):
+                        v, u = _float32(w[n, k]), _float32(w[n1, k])
+                        x0, x1, x2, x3 = x[m, k], x[m + 1, k], x[m + 2, k], x[m + 3, k]
+                        a0 += v * x0
+                        a1 += v * x1
+                        a2 += v * x2
+                        a3 += v * x3
+                        b0 += u * x0
+                        b1 += u * x1
+                        b2 += u * x2
+                        b3 += u * x3
+                    out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a0, a1, a2, a3
+                    out[m, n1], out[m + 1, n1], out[m + 2, n1], out[m + 3, n1] = b0, b1, b2, b3
                 m += 4
+            n0, n1, n2, n3 = q, min(q + 1, last), min(q + 2, last), min(q + 3, last)
             for r in range(m, rows):
-                a = b = np.float32(0.0)
+                a = b = c = d = np.float32(0.0)
                 for k in range(k_size):
-                    a += _float32(w[n, k]) * x[r, k]
-                    b += _float32(w[n1, k]) * x[r, k]
-                out[r, n], out[r, n1] = a, b
+                    xk = x[r, k]
+                    a += _float32(w[n0, k]) * xk
+                    b += _float32(w[n1, k]) * xk
+                    c += _float32(w[n2, k]) * xk
+                    d += _float32(w[n3, k]) * xk
+                out[r, n0], out[r, n1], out[r, n2], out[r, n3] = a, b, c, d
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-    def _rows_times_int4(xe, xo, w, out):
+    def _rows_times_int4(xe, xo, w, out):  # two weight rows at a time, one at a time for leftover rows
         """out[m, n] = sum_j xe[m, j] * high(w[n, j]) + xo[m, j] * low(w[n, j]): x split into its even (xe) and odd
         (xo) columns so that both stream contiguously."""
         rows, half = xe.shape

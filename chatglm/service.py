@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import List, Optional
 
+from . import openmp
 from .context import fit_history
 from .engine import Engine, Sequence
 from .text import History, TextDeltas, build_prompt
@@ -160,6 +161,7 @@ class ModelService:
         self._replies: List[Reply] = []
         self._recent_seconds: deque = deque([5.0], maxlen=16)
         self._closed = False
+        openmp.release_workers()  # the loading thread's OpenMP workers would slow the engine thread's (openmp.py)
         self._threads = [threading.Thread(target=self._prepare_loop, name="chatglm-prepare", daemon=True),
                          threading.Thread(target=self._engine_loop, name="chatglm-engine", daemon=True)]
         for t in self._threads:

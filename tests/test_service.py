@@ -1,12 +1,14 @@
 """The model service (chatglm/service.py) on the demo checkpoint: replies stream side by side, each equal to what
 it is alone; cancel, queue limit, seeds, bad input and shutdown behave as the front doors rely on."""
 import asyncio
+import os
 import threading
 import time
 
 import pytest
 import torch
 
+from chatglm import openmp
 from chatglm.service import ModelService, QueueFull
 from chatglm.validation import GenerationOptions, InputError
 
@@ -155,3 +157,33 @@ def test_close_ends_every_open_reply(tok_model):
     assert not any(t.is_alive() for t in service._threads)
     with pytest.raises(RuntimeError, match="shut down"):
         service.submit("hi")
+
+
+def _threads_now() -> set:
+    return set(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_loading_thread_hands_its_openmp_workers_to_the_engine(tok_model):
+    """The thread that built the service ran parallel ops (loading does); its OpenMP workers must end, or the
+    engine thread's workers stop spinning between ops (chatglm/openmp.py: 1.3x slower decode on 2 CPUs)."""
+    tok, model = tok_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests' processes run one thread each (conftest)
+    openmp.release_workers()
+    before = _threads_now()
+    torch.ones(1 << 22).mul_(2)  # a parallel region on this thread: PyTorch's OpenMP starts its worker
+    workers = _threads_now() - before
+    assert workers, "a parallel op started no OpenMP worker threads"
+    service = ModelService(model, tok)
+    try:
+        deadline = time.monotonic() + 5
+        while workers & _threads_now() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not workers & _threads_now()
+        reply = service.submit("你好", options=GenerationOptions(do_sample=False, max_new_tokens=8))
+        "".join(reply)
+        assert reply.result.response == model.chat(tok, "你好", do_sample=False, max_new_tokens=8)[0]
+    finally:
+        service.close()
+        torch.set_num_threads(threads)
