@@ -257,6 +257,9 @@ class Conversation:
 STOP_GRACE = 1.0
 
 
+# A reply with nothing to show after this many seconds, behind other chats' messages, gets a waiting notice.
+WAIT_NOTICE_AFTER = 1.0
+
 _CONVERSATIONS = threading.Condition()  # guards every Conversation (tiny critical sections)
 
 
@@ -294,6 +297,11 @@ def turn_handler(service: ModelService, render):
         epoch, started, view = _start(conversation, query, reply, render)
         try:
             yield "", view  # the message shows at once, even while other chats go first
+            if not reply.wait_for_output(WAIT_NOTICE_AFTER):
+                ahead = service.ahead_of(reply)
+                if ahead:  # other chats hold the model (or its memory budget): say so instead of a silent wait
+                    gr.Info(f"Waiting for the model: {ahead} message(s) from other chats are ahead of yours. "
+                            f"Yours starts as soon as there is room.")
             text, ended = "", False
             for delta in reply:
                 text += delta

@@ -6,7 +6,8 @@ speed at which the weights stream from memory. Where the CPU has no bfloat16 ari
 much of that unused: on a 2-core AVX2 EPYC with ~38 GB/s of read bandwidth, F.linear read bfloat16 weights at
 ~20 GB/s and the INT4 op its packed weights at ~7 GB/s; these loops read them at ~28-34 and ~15-21 GB/s
 (benchmarks/README.md). Each weight value is widened to float32 in registers and multiplied with up to 4 input rows
-at once (the loops take 2 weight rows x 4 input rows per pass); sums are float32 and rounded once, by the caller.
+at once (2 weight rows x 4 input rows per pass, 4 x 1 for leftover rows); sums are float32 and rounded once, by
+the caller.
 They read the official layouts as they are (no repacking): bfloat16 [out, in], INT8 [out, in], INT4 [out, in/2] with
 the even column in the high nibble. chatglm/kernel_choice.py times them against PyTorch's ops on each machine;
 without numba they are simply not candidates.
@@ -27,6 +28,11 @@ except ImportError:  # an install without numba: PyTorch's kernels only
 
 def available() -> bool:
     return numba is not None
+
+
+# Decode attention of bfloat16 models by _decode_attention: set by chatglm/kernel_choice.py together with the bf16
+# linears' plan (where numba's loops beat PyTorch's bfloat16 ops, the CPU has no bfloat16 arithmetic for its bmm).
+DECODE_ATTENTION = False
 
 
 if numba is not None:
@@ -134,6 +140,34 @@ if numba is not None:
                     out[r, o] = a
 
 
+    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
+    def _decode_attention(q, k, v, n, scale, out):
+        """One query per (row, head) over the first n keys/values of bfloat16-bit (uint16) caches, in float32:
+        out[b, h] = softmax(scale * k[b, h, :n] . q[b, h]) @ v[b, h, :n] (q [B, H, D], k/v [B, H, capacity, D])."""
+        rows, heads, dim = q.shape
+        for job in prange(rows * heads):
+            b, h = job // heads, job % heads
+            scores = np.empty(n, np.float32)
+            top = np.float32(-np.inf)
+            for t in range(n):
+                s = np.float32(0.0)
+                for d in range(dim):
+                    s += _float32(k[b, h, t, d]) * q[b, h, d]
+                scores[t] = s * scale
+                top = max(top, scores[t])
+            total = np.float32(0.0)
+            for t in range(n):
+                scores[t] = np.exp(scores[t] - top)
+                total += scores[t]
+            acc = np.zeros(dim, np.float32)
+            for t in range(n):
+                p = scores[t] / total
+                for d in range(dim):
+                    acc[d] += p * _float32(v[b, h, t, d])
+            for d in range(dim):
+                out[b, h, d] = acc[d]
+
+
 # One kernel at a time: each already uses every thread, and numba's fallback threading layer (workqueue, where no
 # OpenMP is found) aborts on concurrent launches from two Python threads.
 _launch = threading.Lock()
@@ -161,3 +195,29 @@ def matmul(x2d: torch.Tensor, weight: torch.Tensor, bits: int = 0) -> torch.Tens
         else:
             _rows_times_weight(x.numpy(), w, out.numpy())
     return out
+
+
+def _whole_buffer(t: torch.Tensor):
+    """The contiguous [B, H, capacity, D] buffer of which `t` [B, H, n, D] is the first n positions (a KV cache's
+    keys or values), as uint16 bits; None when `t` is not laid out that way."""
+    B, H, n, D = t.shape
+    if t.stride(3) != 1 or t.stride(2) != D or t.stride(1) % D or t.stride(0) != H * t.stride(1):
+        return None
+    whole = t.as_strided((B, H, t.stride(1) // D, D), t.stride(), t.storage_offset())
+    return _array(whole.view(torch.int16)).view(np.uint16)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """softmax(scale * q k^T) v for one bfloat16 query per row and head (q [B, H, 1, D], k/v [B, H, n, D] views of
+    a KV cache), unmasked, computed in float32 -> [B, H, 1, D] bfloat16; None where the layout does not allow it.
+    One launch per layer instead of PyTorch's bfloat16 bmm, which has no bfloat16 arithmetic to use on AVX2 CPUs."""
+    keys, values = _whole_buffer(k), _whole_buffer(v)
+    if keys is None or values is None:
+        return None
+    B, H, n, D = k.shape
+    query = q.detach().reshape(B, H, D).float().contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    with _launch:
+        _threads()
+        _decode_attention(query.numpy(), keys, values, n, np.float32(scale), out.numpy())
+    return out.view(B, H, 1, D).to(q.dtype)

@@ -84,6 +84,7 @@ def _install(fmt: str, plan: dict, forced: dict):
     if fmt == "bf16":
         cpu_pack.FLOAT32_FROM_ROWS = _plans[fmt].get("fp32_from_rows", ALWAYS)
         cpu_pack.NUMBA_ROWS = _plans[fmt]["layout"] == "numba" and cpu_kernels.available()
+        cpu_kernels.DECODE_ATTENTION = cpu_pack.NUMBA_ROWS  # bf16 products by numba: decode attention's too
     if fmt in FLOAT32_QUANTIZED:
         bits = int(fmt[3:])
         fp32 = {**FLOAT32_QUANTIZED[fmt], **forced.get(fmt, {})}
@@ -394,4 +395,20 @@ def choose(dtype: torch.dtype, bits, hidden_size: int, inner_size: int) -> dict:
         _install(fmt, plan, forced)
         if fmt in forced:
             _sources.setdefault(fmt, {"source": "default"})["forced"] = forced[fmt]
+    _warm_up(dtype, bits)
     return report()
+
+
+def _warm_up(dtype: torch.dtype, bits):
+    """Compile (or load from numba's cache) the loops this model will run, now, so that the first request does not
+    wait for it (seconds, once per install)."""
+    if dtype != torch.bfloat16 or not cpu_kernels.available():
+        return
+    x = torch.zeros(1, 8)
+    if cpu_pack.NUMBA_ROWS:
+        cpu_kernels.matmul(x, torch.zeros(2, 8, dtype=torch.bfloat16))
+    if cpu_kernels.DECODE_ATTENTION:
+        kv = torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16)
+        cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, 1.0)
+    if bits and (torch.bfloat16, bits) in quantization.NUMBA_KERNELS:
+        cpu_kernels.matmul(x, torch.zeros(2, 8 if bits == 8 else 4, dtype=torch.int8), bits)

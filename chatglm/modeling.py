@@ -17,6 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import cpu_kernels
 from .beam_search import beam_search
 from .chat import OPTION_NAMES, chat_with_generate, generation_options
 from .configuration import ChatGLMConfig
@@ -153,6 +154,10 @@ def attention(q, k, v, mask, c: float):
         # Decoding on CPU in 16 bits: PyTorch's fused kernel is slow for a single query (benchmarks/README.md),
         # so: scores, softmax in fp32 (as the original), weighted values. k is a view of
         # the KV cache's buffer; k @ q^T reads it in place, where q @ k^T would first copy it.
+        if bias is None and q.dtype == torch.bfloat16 and cpu_kernels.DECODE_ATTENTION and not q.requires_grad:
+            ctx = cpu_kernels.decode_attention(q, k, v, scale)  # float32 inside, one launch (cpu_kernels.py)
+            if ctx is not None:
+                return ctx
         scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float().mul_(scale)
         if bias is not None:
             scores += bias

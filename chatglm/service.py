@@ -63,6 +63,11 @@ class Reply:
         self._lock = threading.Condition()
         self._waiters: List = []  # (event loop, asyncio.Event) of async iterators
 
+    def wait_for_output(self, timeout: float) -> bool:
+        """True once a delta, the end or an error is there to read; False after `timeout` seconds without one."""
+        with self._lock:
+            return bool(self._lock.wait_for(lambda: self._items, timeout))
+
     def cancel(self):
         """Stop generating (Stop button, client gone); the iterator ends and result.finish_reason is "cancelled"."""
         self.cancelled = True
@@ -184,6 +189,14 @@ class ModelService:
     def running(self) -> int:
         """Replies being generated now."""
         return len(self.engine.running)
+
+    def ahead_of(self, reply: Reply) -> int:
+        """While `reply` waits in the engine for room (its KV budget), the replies being generated plus those
+        waiting before it; 0 once it runs (or before it reaches the engine). A snapshot for a notice."""
+        waiting = [id(seq) for seq in list(self.engine.waiting)]  # copied in C: the engine thread cannot interleave
+        if reply.seq is None or id(reply.seq) not in waiting:
+            return 0
+        return len(self.engine.running) + waiting.index(id(reply.seq))
 
     def describe(self) -> str:
         """One start-up line: the KV budget and what it holds."""

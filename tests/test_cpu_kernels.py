@@ -55,3 +55,32 @@ def test_two_threads_calling_at_once_each_get_their_own_product():
     assert not errors
     for i in range(2):
         torch.testing.assert_close(results[i].double(), xs[i].double() @ values.T, rtol=1e-5, atol=1e-3)
+
+
+def attention_float64(q, k, v, scale):
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return scores.softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("rows,heads,n,dim", [(1, 2, 1, 8), (1, 5, 7, 64), (3, 4, 33, 128), (2, 32, 200, 128)])
+def test_decode_attention_over_a_cache_view_is_softmax_of_the_scores_times_the_values(rows, heads, n, dim):
+    """q [B, H, 1, D] against the first n positions of bfloat16 cache buffers [B, H, capacity, D], as the KV cache
+    hands them to attention: the float64 result rounded once to bfloat16 (the kernel works in float32)."""
+    g = torch.Generator().manual_seed(rows * heads + n)
+    capacity = n + 11
+    k_buffer, v_buffer = (torch.randn(rows, heads, capacity, dim, generator=g).bfloat16() for _ in range(2))
+    k, v = k_buffer[:, :, :n], v_buffer[:, :, :n]
+    q = torch.randn(rows, heads, 1, dim, generator=g).bfloat16()
+    scale = dim ** -0.5
+    out = cpu_kernels.decode_attention(q, k, v, scale)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, heads, 1, dim)
+    exact = attention_float64(q, k, v, scale)
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=1e-3)
+    k_buffer[:, :, n:] = 1e4  # positions past n are never read
+    torch.testing.assert_close(cpu_kernels.decode_attention(q, k, v, scale), out, rtol=0, atol=0)
+
+
+def test_decode_attention_declines_a_layout_that_is_not_a_cache_view():
+    k = torch.randn(1, 2, 8, 5).bfloat16().transpose(2, 3)  # [1, 2, 5, 8] with the positions strided
+    q = torch.randn(1, 2, 1, 8).bfloat16()
+    assert cpu_kernels.decode_attention(q, k, k, 0.3) is None

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import GOLDEN, load_golden, replay_cached_steps
 from test_quantization import assert_bf16_product, bf16_layer
 
-from chatglm import cpu_pack, kernel_choice, load_model
+from chatglm import cpu_kernels, cpu_pack, kernel_choice, load_model
 from chatglm.cpu_pack import PackedLinear
 from chatglm.quantization import QuantizedLinear
 
@@ -115,6 +115,29 @@ def test_bfloat16_dense_candidates_agree(monkeypatch):
     for other in logits[1:]:
         for a, b in zip(logits[0], other):
             torch.testing.assert_close(a, b, rtol=0, atol=BF16_LOGIT_TOL)
+
+
+def test_bfloat16_decode_attention_by_numba_follows_the_bf16_plan_and_is_as_close_to_the_original(monkeypatch):
+    """With the bf16 plan on numba, decode steps of a bfloat16 model attend through cpu_kernels.decode_attention
+    (float32 inside, where PyTorch's bmm rounds the scores and probabilities to bfloat16). bfloat16 is far from the
+    fp32 golden on the tiny model (mean |logit error| ~0.1), so the bar: per golden cached case, its step logits are
+    on average no further from the original's fp32 logits than PyTorch's path is."""
+    if not cpu_kernels.available():
+        pytest.skip("numba is not installed")
+    g, arrays = load_golden("tiny")
+    calls = []
+    real = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    errors = {}
+    for forced in ("bf16=mkl", "bf16=numba"):
+        _, model = forced_model(monkeypatch, "tiny", forced, "bfloat16")
+        assert cpu_kernels.DECODE_ATTENTION == (forced == "bf16=numba")
+        calls.clear()
+        errors[forced] = [np.abs(replay_cached_steps(model, c) - arrays[c["step_logits_key"]]).mean()
+                          for c in g["cache"]]
+        assert bool(calls) == (forced == "bf16=numba")
+    for torch_path, numba_path in zip(errors["bf16=mkl"], errors["bf16=numba"]):
+        assert numba_path <= 1.05 * torch_path, errors
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -118,15 +118,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, script: str, demo_model_path: str, log_dir: Path):
+    def __init__(self, script: str, demo_model_path: str, log_dir: Path, *options: str):
         self.script, self.port = script, free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log_dir / f"{script}.log"
         env = {k: v for k, v in os.environ.items() if k != "CHATGLM_MODEL"}  # no --model-path: the demo checkpoint
         env.update(GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS=str(THREADS))
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port)], cwd=ROOT, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port), *options], cwd=ROOT,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while True:
             try:
@@ -486,6 +486,30 @@ def test_two_tabs_stream_at_the_same_time_without_mixing(server, chat_page, mode
         shown = tab.turns()  # its own stopped reply: a prefix of what the model says to its own question
         assert shown[0] == [words(question)] and len(shown[1]) == 1 and shown[1][0], shown
         assert words(full).startswith(shown[1][0]), f"{question!r} shows {shown}"
+
+
+def test_a_message_behind_other_chats_says_it_is_waiting_then_gets_its_answer(demo_model_path, tmp_path, browser,
+                                                                             model):
+    """With room for one reply at a time (a tiny KV budget), a second tab's message waits for the first tab's reply;
+    the page says so (not a silent wait), and the answer then comes, the same as alone."""
+    srv = Server("web_demo.py", demo_model_path, tmp_path, "--kv-budget", "0.0001")
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    try:
+        tab1, tab2 = ChatPage(context.new_page(), srv), ChatPage(context.new_page(), srv)
+        for tab in (tab1, tab2):
+            tab.set_slider("temperature", 0)
+        tab1.send(LONG_Q)
+        tab1.page.wait_for_function("([js, old]) => eval(js)(old)[1].join('').length > 0",
+                                    arg=[ChatPage.JS_TURNS, tab1.old])
+        tab2.send(SHORT_Q1)
+        tab2.page.get_by_text("1 message(s) from other chats are ahead of yours").wait_for(timeout=20_000)
+        assert tab2.turns()[1] in ([], [""]), "the second tab was answered while the first reply ran"
+        tab2.wait_reply(greedy(model, SHORT_Q1), timeout=180)
+        tab1.wait_reply(greedy(model, LONG_Q), timeout=180)
+        assert tab1.page.get_by_text("ahead of yours").count() == 0  # the first tab had nobody ahead
+    finally:
+        context.close()
+        srv.stop()
 
 
 def test_html_in_messages_is_displayed_as_typed_not_run(server, chat_page):
