@@ -43,11 +43,14 @@ DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_fro
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
             "int4": {"layout": "nibble", "fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 5  # in the cache key: plans cached by older rules are timed again
+PLAN_VERSION = 6  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
 PROMPT_ROWS = (1, 16, 128)  # decode, then two prompt sizes for the fused / dequant crossover
+# bf16's weight-streaming loop and its float32 GEMM can be level at 128 rows, where timing noise then decides; a
+# 512-row prompt, which the GEMM takes ~1.5x faster, settles where the lines cross (timed for those two only)
+LONG_PROMPT_ROWS = 512
 _plans = {fmt: dict(plan) for fmt, plan in DEFAULTS.items()}  # in force: set by the last load_model
 _sources = {}  # format -> {"source": "default" | "timed" | "cached", "timings_ms": ...}
 
@@ -175,10 +178,11 @@ def _time_dense(fmt, out_features, in_features) -> dict:
         saved = cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS
         try:
             cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = 1, False
-            timings["mkl/fp32"] = _time_rows(_upcast_copies(weights), rows, dtype, in_features)
+            timings["mkl/fp32"] = _time_rows(_upcast_copies(weights), rows + (LONG_PROMPT_ROWS,), dtype, in_features)
             if cpu_kernels.available():
                 cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = ALWAYS, True
-                timings["numba"] = _time_rows(_upcast_copies(weights), rows, dtype, in_features)
+                timings["numba"] = _time_rows(_upcast_copies(weights), rows + (LONG_PROMPT_ROWS,), dtype,
+                                              in_features)
         finally:
             cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = saved
     return timings
@@ -263,9 +267,10 @@ def _first_win(slow: dict, fast: dict) -> int:
 
 
 def _extrapolated_win(slow: dict, fast: dict) -> int:
-    """Where `fast` would overtake `slow` past the rows timed, both taken as lines through PROMPT_ROWS[1:] (a
-    weight-streaming loop grows with every row; a converted-weight GEMM hardly does); ALWAYS if it never would."""
-    (r0, r1) = PROMPT_ROWS[1:]
+    """Where `fast` would overtake `slow` past the rows timed, both taken as lines through their two largest row
+    counts timed (a weight-streaming loop grows with every row; a converted-weight GEMM hardly does); ALWAYS if it
+    never would."""
+    (r0, r1) = sorted(set(slow) & set(fast), key=int)[-2:]
     slow_slope, fast_slope = [(t[r1] - t[r0]) / (r1 - r0) for t in (slow, fast)]
     if fast_slope >= slow_slope:
         return ALWAYS

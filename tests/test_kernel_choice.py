@@ -227,6 +227,9 @@ def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     assert kernel_choice._decide("bf16", dense) == {"layout": "numba", "fp32_from_rows": 150}
     dense["mkl/fp32"][128] = 140.0  # float32 grows faster: never
     assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == kernel_choice.ALWAYS
+    # a noisy 128-row timing no longer decides alone: the 512-row timings (numba 560, float32 380) cross at 224
+    dense["numba"][512], dense["mkl/fp32"][512] = 560.0, 380.0
+    assert kernel_choice._decide("bf16", dense)["fp32_from_rows"] == 224
     # fused 1 ms per row from 16 rows on, dequantize-then-GEMM 64 ms: fused up to 64 rows
     int4 = {"nibble/fused": {1: 2.0, 8: 8.0, 16: 16.0, 128: 128.0}, "nibble/dequant": {128: 64.0}}
     assert kernel_choice._decide("int4", int4) == {"layout": "nibble", "fused_max_rows": 64, "dequant_gemm": "bf16"}
