@@ -139,7 +139,6 @@ if numba is not None:
                         a += _high(w[o, j]) * xe[r, j] + _low(w[o, j]) * xo[r, j]
                     out[r, o] = a
 
-
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def _decode_attention(q, k, v, n, scale, out):
         """One query per (row, head) over the first n keys/values of bfloat16-bit (uint16) caches, in float32:

@@ -193,10 +193,10 @@ class ModelService:
     def ahead_of(self, reply: Reply) -> int:
         """While `reply` waits in the engine for room (its KV budget), the replies being generated plus those
         waiting before it; 0 once it runs (or before it reaches the engine). A snapshot for a notice."""
-        waiting = [id(seq) for seq in list(self.engine.waiting)]  # copied in C: the engine thread cannot interleave
-        if reply.seq is None or id(reply.seq) not in waiting:
+        waiting = list(self.engine.waiting)  # copied in C: the engine thread cannot interleave
+        if reply.seq not in waiting:  # (Sequence compares by identity)
             return 0
-        return len(self.engine.running) + waiting.index(id(reply.seq))
+        return len(self.engine.running) + waiting.index(reply.seq)
 
     def describe(self) -> str:
         """One start-up line: the KV budget and what it holds."""
