@@ -8,8 +8,9 @@ model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batc
         bf16 linear converts its weight and multiplies in float32 (cpu_pack.CpuBf16Linear: wins for prompts and
         batches on CPUs without bfloat16 arithmetic).
   int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py), "int8pack" (official bytes,
-        `_weight_int8pack_mm`) or "numba" (official bytes, chatglm/cpu_kernels.py); int4: layout "nibble" (the INT4
-        op) or "numba"; int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
+        `_weight_int8pack_mm`), "numba" (official bytes, chatglm/cpu_kernels.py) or "intdot" (official bytes,
+        integer dot products with int16 activations, chatglm/cpu_intdot.py); int4: layout "nibble" (the INT4
+        op), "numba" or "intdot"; int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
         a call dequantizes a tile at a time and runs the dense GEMM ("dequant"), and dequant_gemm, the dtype of that
         GEMM ("bf16", or "fp32" where the CPU has no bfloat16 arithmetic and a float32 GEMM is faster).
 CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=numba,int4=dequant,int8.fused_max_rows=32,
@@ -29,21 +30,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels, cpu_pack, quantization
+from . import cpu_intdot, cpu_kernels, cpu_pack, quantization
 from .cpu_int4 import cpu_int8_fused_ok
 from .cpu_pack import available as onednn_available
 from .quantization import QuantizedLinear
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
 CANDIDATES = {"fp32": ("onednn", "mkl"), "bf16": ("onednn", "mkl", "numba"),
-              "int8": ("nibble", "int8pack", "numba", "fused", "dequant"),
-              "int4": ("nibble", "numba", "fused", "dequant")}
+              "int8": ("nibble", "int8pack", "numba", "intdot", "fused", "dequant"),
+              "int4": ("nibble", "numba", "intdot", "fused", "dequant")}
 ALWAYS = 1 << 30  # fused_max_rows that means "always fused"
 DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_from_rows": 1 << 30},
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
             "int4": {"layout": "nibble", "fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 6  # in the cache key: plans cached by older rules are timed again
+PLAN_VERSION = 7  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -97,6 +98,9 @@ def _install(fmt: str, plan: dict, forced: dict):
                 quantization.INT8_LAYOUT[dtype] = p["layout"]
             numba = p.get("layout") == "numba" and cpu_kernels.available()  # a forced "numba" without numba: torch
             (quantization.NUMBA_KERNELS.add if numba else quantization.NUMBA_KERNELS.discard)((dtype, bits))
+            # bfloat16 only: rounding activations to int16 moves float32 logits ~7e-3 from the original's (the bar is 1e-3)
+            intdot = dtype == torch.bfloat16 and p.get("layout") == "intdot" and cpu_intdot.available()
+            (quantization.INTDOT_KERNELS.add if intdot else quantization.INTDOT_KERNELS.discard)((dtype, bits))
         quantization.DEQUANT_GEMM_DTYPE[torch.bfloat16, bits] = GEMM_DTYPES[_plans[fmt].get("dequant_gemm", "bf16")]
 
 
@@ -224,7 +228,7 @@ def _time_quantized(fmt, out_features, in_features) -> dict:
     dequant at the last (it never wins a decode step: it reads the weight and writes it dequantized)."""
     bits = int(fmt[3:])
     layouts = (["nibble"] + (["int8pack"] if bits == 8 and cpu_int8_fused_ok() else [])
-               + (["numba"] if cpu_kernels.available() else []))
+               + (["numba"] if cpu_kernels.available() else []) + (["intdot"] if cpu_intdot.available() else []))
     timings = {}
     for layout in layouts:
         layers = _quantized_layers(bits, out_features, in_features, layout == "nibble")
@@ -417,3 +421,6 @@ def _warm_up(dtype: torch.dtype, bits):
         cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, 1.0)
     if bits and (torch.bfloat16, bits) in quantization.NUMBA_KERNELS:
         cpu_kernels.matmul(x, torch.zeros(2, 8 if bits == 8 else 4, dtype=torch.int8), bits)
+    if bits and (torch.bfloat16, bits) in quantization.INTDOT_KERNELS:
+        for rows in (1, cpu_intdot.X_ROWS):
+            cpu_intdot.matmul(torch.zeros(rows, 64), torch.zeros(2, 64 * bits // 8, dtype=torch.int8), bits)

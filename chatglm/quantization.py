@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_intdot, cpu_kernels
 from .cpu_int4 import (block_values, column_major, cpu_int4_layout, cpu_int8_fused_ok, group_size,
                        int8_pair_scales_and_zeros, pack_blocks, row_major, unit_scales_and_zeros,
                        values_from_nibbles, whole_blocks)
@@ -49,6 +49,9 @@ DEQUANT_GEMM_DTYPE = {(torch.bfloat16, 8): torch.bfloat16, (torch.bfloat16, 4): 
 # (activation dtype, bits) whose fused calls run chatglm/cpu_kernels.py's loops on the official bytes (no repacking);
 # kernel_choice puts them here only where numba is installed
 NUMBA_KERNELS = set()
+# (activation dtype, bits) whose fused calls run chatglm/cpu_intdot.py's integer dot products on the official bytes
+# (activations rounded to int16 per 8 inputs: ~100x finer than bfloat16); kernel_choice puts them here where they run
+INTDOT_KERNELS = set()
 INT8_AS_INT4_REPACK_ROWS = 1  # a batched call keeps an official INT8 weight (the INT8 op is faster from 4 rows on)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
@@ -326,6 +329,8 @@ class QuantizedLinear(nn.Module):
         dtype, n = x2d.dtype, x2d.shape[0]
         if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
             return None
+        if (dtype, self.bits) in INTDOT_KERNELS and not self._repacked():
+            return self._numba_op(x2d, with_bias, integer=True)
         if (dtype, self.bits) in NUMBA_KERNELS and not self._repacked():
             return self._numba_op(x2d, with_bias)
         state = self._operands(dtype)
@@ -343,10 +348,15 @@ class QuantizedLinear(nn.Module):
             return y.add_(bias) if with_bias and bias is not None else y
         return None
 
-    def _numba_op(self, x2d: torch.Tensor, with_bias: bool) -> torch.Tensor:
-        """The integer products in float32 (cpu_kernels), scaled and biased in float32, rounded once."""
+    def _numba_op(self, x2d: torch.Tensor, with_bias: bool, integer: bool = False) -> torch.Tensor:
+        """The integer products in float32 (cpu_kernels, or cpu_intdot if `integer` and it takes this shape),
+        scaled and biased in float32, rounded once."""
         _, scale, bias, _, _ = self._operands(torch.float32)  # cached: no conversion per call
-        y = cpu_kernels.matmul(x2d, self._parameters["weight"], self.bits).mul_(scale)
+        weight = self._parameters["weight"]
+        y = cpu_intdot.matmul(x2d, weight, self.bits) if integer else None
+        if y is None:
+            y = cpu_kernels.matmul(x2d, weight, self.bits)
+        y.mul_(scale)
         if with_bias and bias is not None:
             y.add_(bias)
         return y.to(x2d.dtype)

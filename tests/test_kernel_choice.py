@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import GOLDEN, load_golden, replay_cached_steps
 from test_quantization import assert_bf16_product, bf16_layer
 
-from chatglm import cpu_kernels, cpu_pack, kernel_choice, load_model
+from chatglm import cpu_intdot, cpu_kernels, cpu_pack, kernel_choice, load_model
 from chatglm.cpu_pack import PackedLinear
 from chatglm.quantization import QuantizedLinear
 
@@ -27,6 +27,9 @@ CASES = [("tiny", "fp32=onednn"), ("tiny", "fp32=mkl"),
          ("tiny-int4", "int4=numba"), ("tiny-int4", "int4=numba,int4.fused_max_rows=3"),
          ("tiny-int4", "int4=dequant,int4.dequant_gemm=fp32"), ("tiny-int4", "int4.fused_max_rows=3,"
                                                                              "int4.dequant_gemm=fp32")]
+# integer dot products (chatglm/cpu_intdot.py) run bfloat16 activations only
+BF16_ONLY_CASES = [("tiny-int8", "int8=intdot"), ("tiny-int8", "int8=intdot,int8.fused_max_rows=3"),
+                   ("tiny-int4", "int4=intdot"), ("tiny-int4", "int4=intdot,int4.fused_max_rows=3")]
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +82,7 @@ def assert_candidate_in_force(model, forced):
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == (forced == "fp32=onednn")
     elif "int8=nibble" in forced:  # a one-row call repacks the INT8 weights for the INT4 op
         assert all(m.weight.dtype == torch.uint8 for m in layers)
-    elif "int8=int8pack" in forced or "=numba" in forced:  # the official bytes, never repacked
+    elif "int8=int8pack" in forced or "=numba" in forced or "=intdot" in forced:  # official bytes, never repacked
         assert all(m.weight.dtype == torch.int8 for m in layers)
 
 
@@ -140,6 +143,41 @@ def test_bfloat16_decode_attention_by_numba_follows_the_bf16_plan_and_is_as_clos
         assert numba_path <= 1.05 * torch_path, errors
 
 
+@pytest.mark.parametrize("name", ["tiny-int4", "tiny-int8"])
+def test_integer_dot_products_run_bfloat16_models_as_close_to_the_original_and_leave_float32_alone(monkeypatch,
+                                                                                                    name):
+    """Forced "intdot", a bfloat16 INT4/INT8 model's decode steps and prompts go through cpu_intdot. bfloat16 is far
+    from the fp32 golden on the tiny model, and any two bfloat16 paths round differently from the first layer on,
+    so the bar is relative to cpu_kernels' float loop (exact float32 products of the bfloat16 activations): per
+    golden cached case, step logits on average within 10% of its distance from the original's fp32 logits (measured:
+    0-7%; PyTorch's INT4 op is 10-60% further), and as many greedy generations equal to the original's. A float32
+    model never takes it (rounding its activations to int16 would move logits ~7e-3; the bar is 1e-3)."""
+    if not cpu_intdot.available():
+        pytest.skip("cpu_intdot's loops need numba, llvmlite and an AVX2 CPU")
+    g, arrays = load_golden(name)
+    fmt = name[5:]
+    calls = []
+    real = cpu_intdot.matmul
+    monkeypatch.setattr(cpu_intdot, "matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    greedy = [c for c in g["generate"] if c["name"].startswith("greedy")]
+    errors, equal = {}, {}
+    for forced in (f"{fmt}=numba", f"{fmt}=intdot"):
+        _, model = forced_model(monkeypatch, name, forced, "bfloat16")
+        calls.clear()
+        errors[forced] = [np.abs(replay_cached_steps(model, c) - arrays[c["step_logits_key"]]).mean()
+                          for c in g["cache"]]
+        with torch.no_grad():
+            equal[forced] = sum(model.generate(**inputs(c, arrays, g["forward"]), **c["generate_kwargs"]).tolist()
+                                == c["output_ids"] for c in greedy)
+        assert (1 in calls and max(calls) > 1) == forced.endswith("intdot"), calls  # decode steps and prompts
+    for float_loop, integer in zip(errors[f"{fmt}=numba"], errors[f"{fmt}=intdot"]):
+        assert integer <= 1.1 * float_loop, errors
+    assert equal[f"{fmt}=intdot"] >= equal[f"{fmt}=numba"] >= 1, equal
+    _, model = forced_model(monkeypatch, name, f"{fmt}=intdot", "float32")
+    calls.clear()
+    assert max_logit_diff(model, g, arrays) <= LOGIT_TOL and not calls
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_bfloat16_prompt_in_float32_is_the_exact_product_rounded_once(monkeypatch, bias):
     """CpuBf16Linear at and above FLOAT32_FROM_ROWS: x @ W.T + b computed in float32 over chunks of the
@@ -163,7 +201,7 @@ def test_a_bfloat16_prompt_in_float32_is_the_exact_product_rounded_once(monkeypa
     assert grad_x.grad is not None and layer.weight.grad is not None
 
 
-@pytest.mark.parametrize("bits,forced", [(int(n[-1]), f) for n, f in CASES if n != "tiny"])
+@pytest.mark.parametrize("bits,forced", [(int(n[-1]), f) for n, f in CASES + BF16_ONLY_CASES if n != "tiny"])
 @pytest.mark.parametrize("rows", [1, 4, 40])
 def test_every_quantized_candidate_gives_the_exact_product_in_bfloat16(monkeypatch, bits, forced, rows):
     """Per layer, at a decode row, a small batch and a prompt: x @ (q * scale).T + bias to bfloat16 accuracy."""
