@@ -9,7 +9,8 @@
         --cpp-main WORK/chatglm_cpp-0.4.2/build/bin/main --cpp-models WORK/models   # side by side, same run
 
 In one run: the CPU's model and its vector flags, read and copy bandwidth at the start and at the end, and for
-fp32, bf16, int8 and int4 (each in its own process, random weights with the real ChatGLM-6B geometry from bench.py):
+fp32, bf16, int8 and int4 (and int8-qe / int4-qe: embedding and lm_head quantized too, as chatglm.cpp's files
+store them; each in its own process, random weights with the real ChatGLM-6B geometry from bench.py):
 load seconds, peak and resident memory, prefill of 32 and 512 tokens, decode ms/token at 32- and 512-token contexts
 (batch 1), batch-8 tokens/s, the share of the read-bandwidth floor, and the kernels chatglm/kernel_choice.py chose.
 With --original-python / --cpp-main (benchmarks/side_by_side/README.md) the original code and chatglm.cpp run in
@@ -36,6 +37,12 @@ import bench  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "fma", "f16c")
 CPP_TYPES = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
+# "int4-qe" / "int8-qe": the embedding and lm_head quantized too (chatglm-6b-int4-qe; chatglm.cpp's q4_0 / q8_0 files
+# store them that way), where the official INT4 / INT8 checkpoints keep them in 16 bits
+
+
+def base_width(precision: str) -> str:
+    return precision.removesuffix("-qe")
 
 
 def cpu_flags():
@@ -68,14 +75,15 @@ def worker(args):
     torch.set_num_threads(args.threads)
     from chatglm import kernel_choice, load_model
     from chatglm.configuration import ChatGLMConfig
-    dtype, bits = bench.PRECISIONS[args.precision]
+    dtype, bits = bench.PRECISIONS[base_width(args.precision)]
     folder = bench.build_checkpoint(args.workdir, args.layers)
     cfg = ChatGLMConfig.from_pretrained(folder)
     t = time.perf_counter()
     kernel_choice.choose(dtype or torch.bfloat16, bits, cfg.hidden_size, cfg.inner_hidden_size)  # timed or cached
     choice_s = time.perf_counter() - t
     t = time.perf_counter()
-    _, model = load_model(folder, device="cpu", dtype=dtype, quantize=bits)
+    _, model = load_model(folder, device="cpu", dtype=dtype, quantize=bits,
+                          quantize_embeddings=args.precision.endswith("-qe"))
     out = {"precision": args.precision, "layers": args.layers, "load_s": time.perf_counter() - t,
            "kernel_choice_s": choice_s, "kernels": {k: {f: v for f, v in p.items() if f != "timings_ms"}
                                                     for k, p in kernel_choice.report().items()}}
@@ -130,10 +138,11 @@ def run_original(args, precisions):
 CPP_LINE = re.compile(r"^(\S+) layers=\d+ prompt_len=(\d+) new=\d+: prefill ([\d.]+) ms .*decode ([\d.]+) ms/step")
 
 
-def run_cpp(args, context):
+def run_cpp(args, context, precisions=tuple(CPP_TYPES)):
     """{ggml type: (prefill s, decode ms/step)} of chatglm.cpp's main at a `context`-token prompt (28 layers)."""
+    types = dict.fromkeys(CPP_TYPES[base_width(p)] for p in precisions if base_width(p) in CPP_TYPES)
     cmd = [sys.executable, os.path.join(HERE, "side_by_side", "chatglm_cpp_bench.py"), "--main-binary", args.cpp_main,
-           "--models-dir", args.cpp_models, "--types", ",".join(CPP_TYPES.values()), "--layers", "28",
+           "--models-dir", args.cpp_models, "--types", ",".join(types), "--layers", "28",
            "--prompt-len", str(context), "--new-tokens", str(max(args.new_tokens, 2)), "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = {}
@@ -152,7 +161,7 @@ def median_s(samples, layers, to_layers):
 
 
 def kernels_text(r):
-    fmts = {"fp32": ["fp32"], "bf16": ["bf16"], "int8": ["bf16", "int8"], "int4": ["bf16", "int4"]}[r["precision"]]
+    fmts = {"fp32": ["fp32"], "bf16": ["bf16"], "int8": ["bf16", "int8"], "int4": ["bf16", "int4"]}[base_width(r["precision"])]
     parts = []
     for fmt in fmts:
         p = r["kernels"][fmt]
@@ -213,7 +222,8 @@ def side_by_side_table(results, original, cpp):
         L, p = r["layers"], r["precision"]
         ours = 1e3 * median_s(r["ctx32"]["steps"], L, bench.FULL_LAYERS)
         orig = original.get(p) if isinstance(original, dict) else None
-        c32, c512 = (cpp.get(32, {}).get(CPP_TYPES.get(p)), cpp.get(512, {}).get(CPP_TYPES.get(p)))
+        c32, c512 = (cpp.get(32, {}).get(CPP_TYPES.get(base_width(p))),
+                    cpp.get(512, {}).get(CPP_TYPES.get(base_width(p))))
         rows.append([p, f"{ours:.0f}", f"{orig:.0f} ({orig / ours:.2f}x ours)" if orig else "-",
                      f"{c32[1]:.0f} ({c32[1] / ours:.2f}x ours)" if c32 else "-",
                      " / ".join(f"{median_s(r[k]['prefill'], L, bench.FULL_LAYERS):.2f}" for k in ("ctx32", "ctx512")),
@@ -239,7 +249,7 @@ def header(args, bw_start, bw_end, load_avg):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--precisions", default="fp32,bf16,int8,int4")
+    p.add_argument("--precisions", default="fp32,bf16,int8,int4", help="of fp32, bf16, int8, int4, int8-qe, int4-qe")
     p.add_argument("--layers", type=int, default=2, help="GLM blocks to build (default 2)")
     p.add_argument("--full-28-layers", action="store_true", help="build all 28 layers: nothing extrapolated")
     p.add_argument("--extrapolate", action="store_true", help="add 28-layer rows estimated from the block times")
@@ -284,7 +294,7 @@ def main(argv=None):
         print(f"# {prec}: {'error: ' + results[-1]['error'] if 'error' in results[-1] else 'done'}", file=sys.stderr,
               flush=True)
     original = run_original(args, precisions) if args.original_python and args.original_workdir else None
-    cpp = {n: run_cpp(args, n) for n in (32, 512)} if args.cpp_main and args.cpp_models else None
+    cpp = {n: run_cpp(args, n, precisions) for n in (32, 512)} if args.cpp_main and args.cpp_models else None
     bw_end = bench.memory_bandwidth()
     report = [header(args, bw_start, bw_end, (load_start, os.getloadavg()[0])), "",
               ours_table(results, args, max(bw_start[1], bw_end[1]))]

@@ -82,3 +82,8 @@ def test_perf_report_labels_extrapolated_rows_and_quotes_ratios_from_the_same_ru
     side = perf_report.side_by_side_table([fake_result("int4")], {"int4": 2280.0},
                                           {32: {"q4_0": (4.0, 570.0)}, 512: {"q4_0": (60.0, 600.0)}})
     assert "| int4 | 1140 | 2280 (2.00x ours) | 570 (0.50x ours) |" in side
+    # with the embedding quantized too, a width is set beside chatglm.cpp's file of the same width (whose embedding
+    # is quantized as well)
+    side = perf_report.side_by_side_table([fake_result("int4-qe")], {}, {32: {"q4_0": (4.0, 570.0)},
+                                                                         512: {"q4_0": (60.0, 600.0)}})
+    assert "| int4-qe | 1140 | - | 570 (0.50x ours) |" in side
