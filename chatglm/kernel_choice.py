@@ -44,7 +44,7 @@ DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_fro
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
             "int4": {"layout": "nibble", "fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 7  # in the cache key: plans cached by older rules are timed again
+PLAN_VERSION = 8  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -134,21 +134,6 @@ def report() -> dict:
 
 # ---- timing -------------------------------------------------------------------------------------------------------
 
-def _median_ms(fn, inputs, calls: int, warm: bool, budget_s: float = 0.25) -> float:
-    """Median ms of fn(x) cycling through `inputs` (after one untimed call if `warm`): `calls` calls, or fewer
-    (at least one) once `budget_s` is spent."""
-    if warm:
-        fn(inputs[0])
-    times, start = [], time.perf_counter()
-    for i in range(calls):
-        t = time.perf_counter()
-        fn(inputs[i % len(inputs)])
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget_s:
-            break
-    return 1e3 * statistics.median(times)
-
-
 def _copies(weight: torch.Tensor) -> list:
     """`weight` and clones of it, ~256 MB in all (at most 8): a decode step reads its weights from memory, not
     from the caches that one weight called again and again would sit in."""
@@ -156,16 +141,44 @@ def _copies(weight: torch.Tensor) -> list:
     return [weight] + [weight.clone() for _ in range(n - 1)]
 
 
-def _time_rows(calls: list, rows_list, dtype, in_features) -> dict:
-    """{rows: ms} of call(x) per row count; up to 8 rows (memory bound) cycle through `calls` (one per weight
-    copy), more rows (compute bound) use the first."""
+def _time_interleaved(candidates: dict, dtype, in_features: int, budget_s: float = 0.25) -> dict:
+    """{name: {rows: ms}}, the median of each candidate's calls, for candidates {name: (setup, calls, rows timed)}.
+    At each row count the candidates take turns, one call each (setup() first, which puts the candidate's globals
+    in force), so that a slow spell of a shared machine slows all of them alike instead of deciding between them
+    (timed one after the other, a noisy spell had cached bf16's plan "convert from 757 rows" where the quiet
+    machine gives ~200). Up to 8 rows (memory bound) a candidate cycles through its calls (one per weight copy),
+    more rows (compute bound) use its first. Each takes 2 * copies + 3 turns, fewer (at least one) once
+    `budget_s` per candidate is spent; one untimed call each before the first row count (compiling, repacking)."""
     g = torch.Generator().manual_seed(0)
-    out = {}
-    for rows in rows_list:
+    out = {name: {} for name in candidates}
+    all_rows = sorted({rows for _, _, timed in candidates.values() for rows in timed})
+    for rows in all_rows:
         x = torch.randn(rows, in_features, generator=g).to(dtype)
-        inputs = calls if rows <= 8 else calls[:1]
-        out[rows] = _median_ms(lambda c: c(x), inputs, 2 * len(inputs) + 3, warm=rows == rows_list[0])
+        turn = {name: (setup, calls if rows <= 8 else calls[:1])
+                for name, (setup, calls, timed) in candidates.items() if rows in timed}
+        if rows == all_rows[0]:
+            for setup, calls in turn.values():
+                setup()
+                calls[0](x)
+        times = {name: [] for name in turn}
+        start = time.perf_counter()
+        for i in range(max(2 * len(calls) + 3 for _, calls in turn.values())):
+            for name, (setup, calls) in turn.items():
+                if i >= 2 * len(calls) + 3:
+                    continue
+                setup()
+                t = time.perf_counter()
+                calls[i % len(calls)](x)
+                times[name].append(time.perf_counter() - t)
+            if time.perf_counter() - start > budget_s * len(turn):
+                break
+        for name in turn:
+            out[name][rows] = 1e3 * statistics.median(times[name])
     return out
+
+
+def _nothing():
+    pass
 
 
 def _time_dense(fmt, out_features, in_features) -> dict:
@@ -173,23 +186,25 @@ def _time_dense(fmt, out_features, in_features) -> dict:
     weight = torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05)
     weights = _copies(weight)
     rows = (1, 4, 8) + PROMPT_ROWS[1:]
-    timings = {"mkl": _time_rows([lambda x, w=w: F.linear(x, w) for w in weights], rows, dtype, in_features)}
+    candidates = {"mkl": (_nothing, [lambda x, w=w: F.linear(x, w) for w in weights], rows)}
     if onednn_available(dtype):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         calls = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
-        timings["onednn"] = _time_rows(calls, rows, dtype, in_features)
+        candidates["onednn"] = (_nothing, calls, rows)
+    saved = cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS
     if fmt == "bf16":  # unpacked, several rows can multiply in float32 instead (cpu_pack.CpuBf16Linear)
-        saved = cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS
-        try:
-            cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = 1, False
-            timings["mkl/fp32"] = _time_rows(_upcast_copies(weights), rows + (LONG_PROMPT_ROWS,), dtype, in_features)
-            if cpu_kernels.available():
-                cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = ALWAYS, True
-                timings["numba"] = _time_rows(_upcast_copies(weights), rows + (LONG_PROMPT_ROWS,), dtype,
-                                              in_features)
-        finally:
-            cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = saved
-    return timings
+        def routes(from_rows, numba):
+            def setup():
+                cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = from_rows, numba
+            return setup
+        layers = _upcast_copies(weights)
+        candidates["mkl/fp32"] = (routes(1, False), layers, rows + (LONG_PROMPT_ROWS,))
+        if cpu_kernels.available():
+            candidates["numba"] = (routes(ALWAYS, True), layers, rows + (LONG_PROMPT_ROWS,))
+    try:
+        return _time_interleaved(candidates, dtype, in_features)
+    finally:
+        cpu_pack.FLOAT32_FROM_ROWS, cpu_pack.NUMBA_ROWS = saved
 
 
 def _upcast_copies(weights) -> list:
@@ -224,12 +239,13 @@ def _quantized_layers(bits, out_features, in_features, nibble):
 
 
 def _time_quantized(fmt, out_features, in_features) -> dict:
-    """{"<layout>/<fused|dequant>": {rows: ms}} for the INT8 / INT4 candidates: fused at 1, 8 and PROMPT_ROWS,
-    dequant at the last (it never wins a decode step: it reads the weight and writes it dequantized)."""
+    """{"<layout>/<fused|dequant|dequant-fp32>": {rows: ms}} for the INT8 / INT4 candidates, interleaved: fused at 1,
+    8 and PROMPT_ROWS, dequant at the last (it never wins a decode step: it reads the weight and writes it
+    dequantized)."""
     bits = int(fmt[3:])
     layouts = (["nibble"] + (["int8pack"] if bits == 8 and cpu_int8_fused_ok() else [])
                + (["numba"] if cpu_kernels.available() else []) + (["intdot"] if cpu_intdot.available() else []))
-    timings = {}
+    candidates = {}
     for layout in layouts:
         layers = _quantized_layers(bits, out_features, in_features, layout == "nibble")
         if layers is None:
@@ -239,10 +255,9 @@ def _time_quantized(fmt, out_features, in_features) -> dict:
                                            ("dequant-fp32", 0, PROMPT_ROWS[-1:], "fp32")):
             if gemm == "bf16" and path == "dequant" and not onednn_available(torch.bfloat16):
                 continue  # no bfloat16 arithmetic: 0.8-25 s at 128 rows on an AVX2 EPYC, float32 0.15 s
-            _install(fmt, {"layout": layout, "fused_max_rows": rows_max, "dequant_gemm": gemm}, {})
-            timings[f"{layout}/{path}"] = _time_rows(layers, rows, torch.bfloat16, in_features)
-        del layers  # one layout's copies at a time
-    return timings
+            plan = {"layout": layout, "fused_max_rows": rows_max, "dequant_gemm": gemm}
+            candidates[f"{layout}/{path}"] = (lambda plan=plan: _install(fmt, plan, {}), layers, rows)
+    return _time_interleaved(candidates, torch.bfloat16, in_features)
 
 
 def _crossover(fused: dict, dequant: dict) -> int:

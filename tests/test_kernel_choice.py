@@ -242,6 +242,30 @@ def test_timing_picks_a_candidate_once_and_caches_it_per_machine(monkeypatch, tm
     assert forced["forced"] and forced != again
 
 
+def test_candidates_are_timed_in_turns_so_a_slow_spell_slows_them_all(monkeypatch):
+    """At each row count the candidates take turns, each call after its own setup; a slow spell of the machine (here
+    a fake clock that runs 3x slower for a while) lands on all of them, and the medians keep their order."""
+    clock, log = [0.0], []
+    slow = range(6, 14)  # the 6th..13th calls run 3x slower
+
+    def call(name, ms):
+        def run(x):
+            log.append(name)
+            clock[0] += ms * (3 if len(log) in slow else 1) / 1e3
+        return run
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: clock[0])
+    setups = []
+    candidates = {"a": (lambda: setups.append("a"), [call("a", 2.0)] * 2, (1, 16)),
+                  "b": (lambda: setups.append("b"), [call("b", 1.0)] * 2, (1,))}
+    timings = kernel_choice._time_interleaved(candidates, torch.float32, 8, budget_s=1e9)
+    assert log[:2] == ["a", "b"] and setups[:2] == ["a", "b"]  # one untimed call each first
+    assert log[2:16] == ["a", "b"] * 7  # then turns: 2 copies -> 7 timed calls each
+    assert log[16:] == ["a"] * 5  # 16 rows: only "a" is timed there, on its first copy (2 * 1 + 3 calls)
+    # the spell took 4 of each one's 7 timed calls at 1 row: both medians tripled, "b" still twice as fast
+    assert {n: {r: round(ms, 6) for r, ms in t.items()} for n, t in timings.items()} == {"a": {1: 6.0, 16: 2.0},
+                                                                                          "b": {1: 3.0}}
+
+
 def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     dense = {"mkl": {1: 10.0, 8: 12.0, 16: 14.0, 128: 50.0}, "onednn": {1: 6.0, 8: 8.0, 16: 9.0, 128: 60.0},
              "mkl/fp32": {1: 30.0, 8: 14.0, 16: 12.0, 128: 20.0}}
