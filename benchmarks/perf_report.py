@@ -166,7 +166,8 @@ def kernels_text(r):
     for fmt in fmts:
         p = r["kernels"][fmt]
         rows = p.get("fused_max_rows")
-        what = " ".join(x for x in (p.get("layout"), None if rows is None else
+        what = " ".join(x for x in (p.get("layout"), p.get("intdot_max_rows") and f"(intdot<={p['intdot_max_rows']})",
+                                    None if rows is None else
                                     f"fused<={'all' if rows >= 1 << 30 else rows}",
                                     "dequant GEMM fp32" if p.get("dequant_gemm") == "fp32" else None,
                                     None if p.get("fp32_from_rows", 1 << 30) >= 1 << 30 else

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import release_pages
 from . import cpu_kernels
-from .quantization import INT8_LAYOUT, INTDOT_KERNELS, NUMBA_KERNELS, QuantizedLinear
+from .quantization import INT8_LAYOUT, INTDOT_MAX_ROWS, NUMBA_KERNELS, QuantizedLinear
 
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -374,7 +374,8 @@ def prepare_for_cpu(model: nn.Module, dtype: torch.dtype, pack_dense: bool) -> n
     if dtype == torch.bfloat16 and getattr(model.config, "quantization_bit", 0):
         for m in model.modules():
             if (isinstance(m, QuantizedLinear) and (m.bits == 4 or INT8_LAYOUT[dtype] == "nibble")
-                    and (dtype, m.bits) not in NUMBA_KERNELS | INTDOT_KERNELS):  # those read the official bytes
+                    and (dtype, m.bits) not in NUMBA_KERNELS and not INTDOT_MAX_ROWS.get((dtype, m.bits))):
+                # (cpu_kernels and cpu_intdot read the official bytes)
                 m.repack_for_cpu()
     return model
 

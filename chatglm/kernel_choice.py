@@ -10,7 +10,9 @@ model's biggest block linear ([inner, hidden]) for a decode step (1 row), a batc
   int8: layout "nibble" (repacked for the INT4 op, chatglm/cpu_int4.py), "int8pack" (official bytes,
         `_weight_int8pack_mm`), "numba" (official bytes, chatglm/cpu_kernels.py) or "intdot" (official bytes,
         integer dot products with int16 activations, chatglm/cpu_intdot.py); int4: layout "nibble" (the INT4
-        op), "numba" or "intdot"; int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
+        op), "numba" or "intdot"; with "numba", intdot_max_rows: the most rows that take the integer dot products
+        instead (both read the official bytes; chosen where cpu_intdot wins decode steps and the float loop
+        prompts); int8 / int4: fused_max_rows, the most rows the fused weight-only op takes before
         a call dequantizes a tile at a time and runs the dense GEMM ("dequant"), and dequant_gemm, the dtype of that
         GEMM ("bf16", or "fp32" where the CPU has no bfloat16 arithmetic and a float32 GEMM is faster).
 CHATGLM_KERNELS forces candidates, e.g. "bf16=mkl,int8=int8pack,int4=numba,int4=dequant,int8.fused_max_rows=32,
@@ -44,7 +46,7 @@ DEFAULTS = {"fp32": {"layout": "onednn"}, "bf16": {"layout": "onednn", "fp32_fro
             "int8": {"layout": "nibble", "fused_max_rows": 24, "dequant_gemm": "bf16"},
             "int4": {"layout": "nibble", "fused_max_rows": 96, "dequant_gemm": "bf16"}}
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PLAN_VERSION = 8  # in the cache key: plans cached by older rules are timed again
+PLAN_VERSION = 9  # in the cache key: plans cached by older rules are timed again
 # float32 activations: the fused ops are plain loops there, and INT8 keeps its own op (the original's numbers)
 FLOAT32_QUANTIZED = {"int8": {"layout": "int8pack", "fused_max_rows": 1}, "int4": {"fused_max_rows": 1}}
 TINY_ELEMENTS = 1 << 24  # weights smaller than this take the defaults (timing them says nothing about a 6B model)
@@ -63,15 +65,15 @@ def _forced() -> dict:
         key, _, value = item.partition("=")
         fmt, _, field = key.strip().partition(".")
         value = value.strip()
-        quantized_field = fmt in ("int8", "int4") and (field == "fused_max_rows" and value.isdigit()
+        quantized_field = fmt in ("int8", "int4") and (field in ("fused_max_rows", "intdot_max_rows") and value.isdigit()
                                                        or field == "dequant_gemm" and value in GEMM_DTYPES)
         bf16_field = fmt == "bf16" and field == "fp32_from_rows" and value.isdigit()
         ok = fmt in FORMATS and (value in CANDIDATES[fmt] if not field else quantized_field or bf16_field)
         if not ok:
             choices = "; ".join(f"{f}={'|'.join(c)}" for f, c in CANDIDATES.items())
             raise ValueError(f"CHATGLM_KERNELS entry {item!r} is not one of: {choices}; int8.fused_max_rows=N; "
-                             f"int4.fused_max_rows=N; int8.dequant_gemm=bf16|fp32; int4.dequant_gemm=bf16|fp32; "
-                             f"bf16.fp32_from_rows=N")
+                             f"int4.fused_max_rows=N; int8.intdot_max_rows=N; int4.intdot_max_rows=N; "
+                             f"int8.dequant_gemm=bf16|fp32; int4.dequant_gemm=bf16|fp32; bf16.fp32_from_rows=N")
         plan = out.setdefault(fmt, {})
         if field:
             plan[field] = value if field == "dequant_gemm" else int(value)
@@ -98,9 +100,12 @@ def _install(fmt: str, plan: dict, forced: dict):
                 quantization.INT8_LAYOUT[dtype] = p["layout"]
             numba = p.get("layout") == "numba" and cpu_kernels.available()  # a forced "numba" without numba: torch
             (quantization.NUMBA_KERNELS.add if numba else quantization.NUMBA_KERNELS.discard)((dtype, bits))
-            # bfloat16 only: rounding activations to int16 moves float32 logits ~7e-3 from the original's (the bar is 1e-3)
-            intdot = dtype == torch.bfloat16 and p.get("layout") == "intdot" and cpu_intdot.available()
-            (quantization.INTDOT_KERNELS.add if intdot else quantization.INTDOT_KERNELS.discard)((dtype, bits))
+            # integer dot products: for every fused call ("intdot"), or for up to intdot_max_rows rows with the
+            # float loop above them ("numba"); bfloat16 only: rounding activations to int16 moves float32 logits
+            # ~7e-3 from the original's (the bar is 1e-3)
+            intdot = {"intdot": ALWAYS, "numba": p.get("intdot_max_rows", 0)}.get(p.get("layout"), 0)
+            runs = dtype == torch.bfloat16 and cpu_intdot.available()
+            quantization.INTDOT_MAX_ROWS[dtype, bits] = intdot if runs else 0
         quantization.DEQUANT_GEMM_DTYPE[torch.bfloat16, bits] = GEMM_DTYPES[_plans[fmt].get("dequant_gemm", "bf16")]
 
 
@@ -326,13 +331,40 @@ def _decide(fmt, timings) -> dict:
         from_rows = _first_win(timings[layout], upcast)
         from_rows = from_rows if from_rows != ALWAYS else _extrapolated_win(timings[layout], upcast)
         return {"layout": layout, "fp32_from_rows": from_rows}
+    timings, intdot_rows = _with_mixed_official(timings)
     layouts = {k.split("/")[0] for k in timings}
     if not layouts:
         return dict(DEFAULTS[fmt])
     layout = min(layouts, key=lambda k: _turn_ms(timings, k))
     dequant, gemm = _dequant_ms(timings, layout)
     plan = {"fused_max_rows": _crossover(timings[layout + "/fused"], dequant), "dequant_gemm": gemm}
+    if layout == MIXED:
+        return {"layout": "numba", "intdot_max_rows": intdot_rows, **plan}
     return {"layout": layout, **plan}
+
+
+MIXED = "numba+intdot"
+
+
+def _with_mixed_official(timings) -> tuple:
+    """(timings plus a "numba+intdot" layout where the integer dot products are faster for the fewest rows but not
+    for all rows timed: both read the official bytes, so a call can take either by its rows; the most rows that
+    take cpu_intdot). Its fused times are each row count's faster one; its dequantize times numba's."""
+    integer, floats = timings.get("intdot/fused"), timings.get("numba/fused")
+    if not integer or not floats:
+        return timings, 0
+    rows = sorted(set(integer) & set(floats), key=int)
+    faster = [r for r in rows if integer[r] < floats[r]]
+    leading = 0
+    for r in rows:
+        if r not in faster:
+            break
+        leading = int(r)
+    if leading == 0 or len(faster) == len(rows):
+        return timings, 0
+    mixed = {k.replace("numba/", MIXED + "/"): v for k, v in timings.items() if k.startswith("numba/")}
+    mixed[MIXED + "/fused"] = {r: min(integer[r], floats[r]) if int(r) <= leading else floats[r] for r in rows}
+    return {**timings, **mixed}, leading
 
 
 # ---- per machine, cached -------------------------------------------------------------------------------------------
@@ -436,6 +468,6 @@ def _warm_up(dtype: torch.dtype, bits):
         cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, 1.0)
     if bits and (torch.bfloat16, bits) in quantization.NUMBA_KERNELS:
         cpu_kernels.matmul(x, torch.zeros(2, 8 if bits == 8 else 4, dtype=torch.int8), bits)
-    if bits and (torch.bfloat16, bits) in quantization.INTDOT_KERNELS:
+    if bits and quantization.INTDOT_MAX_ROWS.get((torch.bfloat16, bits)):
         for rows in (1, cpu_intdot.X_ROWS):
             cpu_intdot.matmul(torch.zeros(rows, 64), torch.zeros(2, 64 * bits // 8, dtype=torch.int8), bits)

@@ -49,9 +49,10 @@ DEQUANT_GEMM_DTYPE = {(torch.bfloat16, 8): torch.bfloat16, (torch.bfloat16, 4): 
 # (activation dtype, bits) whose fused calls run chatglm/cpu_kernels.py's loops on the official bytes (no repacking);
 # kernel_choice puts them here only where numba is installed
 NUMBA_KERNELS = set()
-# (activation dtype, bits) whose fused calls run chatglm/cpu_intdot.py's integer dot products on the official bytes
-# (activations rounded to int16 per 8 inputs: ~100x finer than bfloat16); kernel_choice puts them here where they run
-INTDOT_KERNELS = set()
+# (activation dtype, bits) -> the most rows whose fused calls run chatglm/cpu_intdot.py's integer dot products on the
+# official bytes (activations rounded to int16 per 8 inputs: ~100x finer than bfloat16's rounding) instead of
+# cpu_kernels' float loop; set by kernel_choice (bfloat16 only, where they run); 0: never
+INTDOT_MAX_ROWS = {}
 INT8_AS_INT4_REPACK_ROWS = 1  # a batched call keeps an official INT8 weight (the INT8 op is faster from 4 rows on)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on CPU (8 MB in bfloat16)
 
@@ -329,10 +330,9 @@ class QuantizedLinear(nn.Module):
         dtype, n = x2d.dtype, x2d.shape[0]
         if n > FUSED_MAX_ROWS.get((dtype, self.bits), -1):
             return None
-        if (dtype, self.bits) in INTDOT_KERNELS and not self._repacked():
-            return self._numba_op(x2d, with_bias, integer=True)
-        if (dtype, self.bits) in NUMBA_KERNELS and not self._repacked():
-            return self._numba_op(x2d, with_bias)
+        integer = n <= INTDOT_MAX_ROWS.get((dtype, self.bits), 0)
+        if (integer or (dtype, self.bits) in NUMBA_KERNELS) and not self._repacked():
+            return self._numba_op(x2d, with_bias, integer)
         state = self._operands(dtype)
         if state[0]:  # repacked for the INT4 op
             return self._int4_op(x2d, with_bias, state)

@@ -29,7 +29,8 @@ CASES = [("tiny", "fp32=onednn"), ("tiny", "fp32=mkl"),
                                                                              "int4.dequant_gemm=fp32")]
 # integer dot products (chatglm/cpu_intdot.py) run bfloat16 activations only
 BF16_ONLY_CASES = [("tiny-int8", "int8=intdot"), ("tiny-int8", "int8=intdot,int8.fused_max_rows=3"),
-                   ("tiny-int4", "int4=intdot"), ("tiny-int4", "int4=intdot,int4.fused_max_rows=3")]
+                   ("tiny-int4", "int4=intdot"), ("tiny-int4", "int4=intdot,int4.fused_max_rows=3"),
+                   ("tiny-int8", "int8=numba,int8.intdot_max_rows=4"), ("tiny-int4", "int4=numba,int4.intdot_max_rows=4")]
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +179,24 @@ def test_integer_dot_products_run_bfloat16_models_as_close_to_the_original_and_l
     assert max_logit_diff(model, g, arrays) <= LOGIT_TOL and not calls
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_mixed_plan_sends_few_rows_to_the_integer_dot_products_and_more_to_the_float_loop(monkeypatch, bits):
+    if not cpu_intdot.available():
+        pytest.skip("cpu_intdot's loops need numba, llvmlite and an AVX2 CPU")
+    monkeypatch.setenv("CHATGLM_KERNELS", f"int{bits}=numba,int{bits}.intdot_max_rows=4")
+    kernel_choice.reset()
+    routes = []
+    for module in (cpu_intdot, cpu_kernels):
+        real = module.matmul
+        monkeypatch.setattr(module, "matmul", lambda *a, m=module, f=real: routes.append((m, a[0].shape[0])) or f(*a))
+    layer, _, exact = bf16_layer(bits, 192)
+    with torch.no_grad():
+        for rows in (1, 4, 5, 9):
+            x = torch.randn(rows, 256).bfloat16()
+            assert_bf16_product(layer(x), x, exact, layer.bias)
+    assert routes == [(cpu_intdot, 1), (cpu_intdot, 4), (cpu_kernels, 5), (cpu_kernels, 9)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_bfloat16_prompt_in_float32_is_the_exact_product_rounded_once(monkeypatch, bias):
     """CpuBf16Linear at and above FLOAT32_FROM_ROWS: x @ W.T + b computed in float32 over chunks of the
@@ -309,6 +328,19 @@ def test_the_fastest_candidate_wins_and_the_crossover_follows_the_timings():
     slow_prompts = {"nibble/fused": {1: 9.0, 8: 20.0, 16: 40.0, 128: 1300.0}, "nibble/dequant": {128: 1200.0},
                     "int8pack/fused": {1: 10.0, 8: 21.0, 16: 40.0, 128: 300.0}, "int8pack/dequant": {128: 200.0}}
     assert kernel_choice._decide("int8", slow_prompts)["layout"] == "int8pack"
+    # the measured INT8 timings of one run (2-core AVX2 EPYC): the integer dot products decode faster (1 and 8 rows),
+    # the float loop takes 128 rows faster; both read the official bytes, so the plan takes each where it wins
+    official = {"numba/fused": {1: 3.4, 8: 8.34, 16: 15.12, 128: 123.66}, "numba/dequant-fp32": {128: 151.98},
+                "intdot/fused": {1: 2.82, 8: 8.21, 16: 14.95, 128: 145.99}, "intdot/dequant-fp32": {128: 150.35}}
+    assert kernel_choice._decide("int8", official) == {"layout": "numba", "intdot_max_rows": 16,
+                                                       "fused_max_rows": 157, "dequant_gemm": "fp32"}
+    # faster at every row count: the integer dot products alone
+    official["intdot/fused"][128] = 120.0
+    assert kernel_choice._decide("int8", official)["layout"] == "intdot"
+    # slower at one row: not mixed in, whatever the larger row counts say
+    official["intdot/fused"].update({1: 3.5, 128: 145.99})
+    assert kernel_choice._decide("int8", official) == {"layout": "numba", "fused_max_rows": 157,
+                                                       "dequant_gemm": "fp32"}
 
 
 @pytest.mark.parametrize("bad", ["int8=fast", "int5=fused", "bf16.fused_max_rows=3", "int4.fused_max_rows=x",
