@@ -14,7 +14,7 @@ store them; each in its own process, random weights with the real ChatGLM-6B geo
 load seconds, peak and resident memory, prefill of 32 and 512 tokens, decode ms/token at 32- and 512-token contexts
 (batch 1), batch-8 tokens/s, the share of the read-bandwidth floor, and the kernels chatglm/kernel_choice.py chose.
 With --original-python / --cpp-main (benchmarks/side_by_side/README.md) the original code and chatglm.cpp run in
-the same run. Extrapolated rows add (28 - L) x the time measured inside each GLM block and say so.
+the same run (chatglm.cpp right after each of our widths). Extrapolated rows add (28 - L) x the time measured inside each GLM block and say so.
 """
 import argparse
 import datetime
@@ -138,7 +138,7 @@ def run_original(args, precisions):
 CPP_LINE = re.compile(r"^(\S+) layers=\d+ prompt_len=(\d+) new=\d+: prefill ([\d.]+) ms .*decode ([\d.]+) ms/step")
 
 
-def run_cpp(args, context, precisions=tuple(CPP_TYPES)):
+def run_cpp(args, context, precisions):
     """{ggml type: (prefill s, decode ms/step)} of chatglm.cpp's main at a `context`-token prompt (28 layers)."""
     types = dict.fromkeys(CPP_TYPES[base_width(p)] for p in precisions if base_width(p) in CPP_TYPES)
     cmd = [sys.executable, os.path.join(HERE, "side_by_side", "chatglm_cpp_bench.py"), "--main-binary", args.cpp_main,
@@ -290,12 +290,20 @@ def main(argv=None):
     bench.build_checkpoint(args.workdir, args.layers)  # built once, outside any timed process
     precisions = [x for x in args.precisions.split(",") if x]
     results = []
+    # chatglm.cpp runs right after each of our widths, so that a slow spell of a shared machine (seen to last many
+    # minutes) lands on both sides of a ratio rather than on one (one run measured our bf16 at 508 ms, its f16,
+    # measured 15 minutes later, at 444; the run before, 395 against 499)
+    cpp = {32: {}, 512: {}} if args.cpp_main and args.cpp_models else None
     for prec in precisions:
         results.append(run_precision(args, prec))
         print(f"# {prec}: {'error: ' + results[-1]['error'] if 'error' in results[-1] else 'done'}", file=sys.stderr,
               flush=True)
+        kind = CPP_TYPES.get(base_width(prec))
+        if cpp is not None and kind and kind not in cpp[32]:  # int4-qe is set beside the q4_0 that int4 measured
+            for n in (32, 512):
+                cpp[n].update(run_cpp(args, n, [prec]))
+            print(f"# chatglm.cpp {kind}: done", file=sys.stderr, flush=True)
     original = run_original(args, precisions) if args.original_python and args.original_workdir else None
-    cpp = {n: run_cpp(args, n, precisions) for n in (32, 512)} if args.cpp_main and args.cpp_models else None
     bw_end = bench.memory_bandwidth()
     report = [header(args, bw_start, bw_end, (load_start, os.getloadavg()[0])), "",
               ours_table(results, args, max(bw_start[1], bw_end[1]))]
