@@ -265,7 +265,7 @@ def matmul(x2d: torch.Tensor, weight: torch.Tensor, bits: int):
     k = x2d.shape[1]
     if k % GROUP or not available():
         return None
-    addresses = _addresses()
+    addresses = _compiled["addresses"]  # available() compiled them
     if bits not in _orders:
         _orders[bits] = slot_order(bits).numpy()
     x = x2d.detach().float().contiguous().numpy()
