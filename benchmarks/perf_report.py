@@ -4,6 +4,7 @@
     python benchmarks/perf_report.py                          # 2 layers, 3 repeats (measured rows only)
     python benchmarks/perf_report.py --extrapolate            # ... plus 28-layer rows estimated from block times
     python benchmarks/perf_report.py --full-28-layers         # the whole 6B geometry, nothing extrapolated
+    python benchmarks/perf_report.py --full-28-layers --fp32-layers 8   # ... but fp32 (27 GB at 28) from 8 layers
     python benchmarks/perf_report.py --fresh-kernel-timing    # re-time the kernel candidates (else: cached choice)
     python benchmarks/perf_report.py --original-python WORK/orig-venv/bin/python --original-workdir WORK/ckpt \
         --cpp-main WORK/chatglm_cpp-0.4.2/build/bin/main --cpp-models WORK/models   # side by side, same run
@@ -14,7 +15,8 @@ store them; each in its own process, random weights with the real ChatGLM-6B geo
 load seconds, peak and resident memory, prefill of 32 and 512 tokens, decode ms/token at 32- and 512-token contexts
 (batch 1), batch-8 tokens/s, the share of the read-bandwidth floor, and the kernels chatglm/kernel_choice.py chose.
 With --original-python / --cpp-main (benchmarks/side_by_side/README.md) the original code and chatglm.cpp run in
-the same run (chatglm.cpp right after each of our widths). Extrapolated rows add (28 - L) x the time measured inside each GLM block and say so.
+the same run (each right after the same width of ours). Extrapolated rows add (28 - L) x the time measured inside
+each GLM block and say so.
 """
 import argparse
 import datetime
@@ -105,9 +107,14 @@ def worker(args):
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def layers_for(args, precision):
+    """Blocks built for `precision`: --fp32-layers for fp32 (28 fp32 blocks need ~27 GB of RAM), else --layers."""
+    return args.fp32_layers if precision == "fp32" and args.fp32_layers else args.layers
+
+
 def run_precision(args, precision):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--precision", precision, "--layers",
-           str(args.layers), "--threads", str(args.threads), "--workdir", args.workdir, "--repeats",
+           str(layers_for(args, precision)), "--threads", str(args.threads), "--workdir", args.workdir, "--repeats",
            str(args.repeats), "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if args.kernel_cache:
@@ -130,7 +137,9 @@ def run_original(args, precisions):
                "--json", out.name]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+            error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"# original {','.join(precisions)}: {error}", file=sys.stderr, flush=True)
+            return {p: None for p in precisions}
         results = json.load(open(out.name))
     return {r["precision"]: (1e3 * r["decode_s_full"]["median"] if "error" not in r else None) for r in results}
 
@@ -207,15 +216,16 @@ def ours_table(results, args, read_gbs):
             rows.append([r["precision"], "", "error: " + r["error"][:120]] + [""] * 10)
             continue
         rows.append(row_cells(r, r["layers"], read_gbs))
-        if args.extrapolate and r["layers"] < bench.FULL_LAYERS:
+        if (args.extrapolate or r["layers"] != args.layers) and r["layers"] < bench.FULL_LAYERS:
             rows.append(row_cells(r, bench.FULL_LAYERS, read_gbs))
     return markdown(head, rows)
 
 
-def side_by_side_table(results, original, cpp):
-    """Decode ms/token at 28 layers, 32-token prompt, and prefill seconds: ours, the original, chatglm.cpp."""
-    head = ["width", "this project ms/tok", "original ms/tok", "chatglm.cpp ms/tok", "prefill 32 / 512 s: this project",
-            "prefill 32 / 512 s: chatglm.cpp"]
+def side_by_side_table(results, original, cpp, read_gbs):
+    """Decode ms/token at 28 layers, 32-token prompt, and prefill seconds: ours, the original, chatglm.cpp; and the
+    read floor of our weights (no implementation that reads those bytes per token can decode faster)."""
+    head = ["width", "this project ms/tok", "original ms/tok", "chatglm.cpp ms/tok", "read floor ms/tok (ours)",
+            "prefill 32 / 512 s: this project", "prefill 32 / 512 s: chatglm.cpp"]
     rows = []
     for r in results:
         if "error" in r:
@@ -225,8 +235,9 @@ def side_by_side_table(results, original, cpp):
         orig = original.get(p) if isinstance(original, dict) else None
         c32, c512 = (cpp.get(32, {}).get(CPP_TYPES.get(base_width(p))),
                     cpp.get(512, {}).get(CPP_TYPES.get(base_width(p))))
+        floor = 1e3 * (r["weight_bytes"] + (bench.FULL_LAYERS - L) * r["layer_bytes"]) / 1e9 / read_gbs
         rows.append([p, f"{ours:.0f}", f"{orig:.0f} ({orig / ours:.2f}x ours)" if orig else "-",
-                     f"{c32[1]:.0f} ({c32[1] / ours:.2f}x ours)" if c32 else "-",
+                     f"{c32[1]:.0f} ({c32[1] / ours:.2f}x ours)" if c32 else "-", f"{floor:.0f}",
                      " / ".join(f"{median_s(r[k]['prefill'], L, bench.FULL_LAYERS):.2f}" for k in ("ctx32", "ctx512")),
                      f"{c32[0]:.2f} / {c512[0]:.2f}" if c32 and c512 else "-"])
     return markdown(head, rows)
@@ -235,7 +246,9 @@ def side_by_side_table(results, original, cpp):
 def header(args, bw_start, bw_end, load_avg):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mode = ("--quick: " if args.quick else "") + (f"{args.layers} layers built" + (
-        "; the 28-layer rows are extrapolated from the time inside each block" if args.extrapolate else ""))
+        "; the 28-layer rows are extrapolated from the time inside each block" if args.extrapolate else "") + (
+        f"; fp32: {args.fp32_layers} layers built, its 28-layer row extrapolated"
+        if args.fp32_layers and "fp32" in args.precisions.split(",") else ""))
     return "\n".join([
         f"Measured {now} on {bench.cpu_name()} ({os.cpu_count()} CPUs, {args.threads} threads; flags: "
         f"{' '.join(cpu_flags()) or 'none of ' + ' '.join(FLAGS)}), {platform.system()} {platform.release()}, "
@@ -263,6 +276,10 @@ def parse_args(argv=None):
     p.add_argument("--original-python", help="the original's venv python (side_by_side/README.md section 2)")
     p.add_argument("--original-workdir", help="the folder original_setup.py filled")
     p.add_argument("--original-layers", type=int, default=2)
+    p.add_argument("--original-precisions", default="fp32,bf16,int8,int4",
+                   help="the widths to time the original at (int8/int4 need chatglm-6b-int4's quantization.py and gcc)")
+    p.add_argument("--fp32-layers", type=int,
+                   help="build fp32 with this many layers and extrapolate it to 28 (28 fp32 layers need ~27 GB)")
     p.add_argument("--cpp-main", help="chatglm.cpp's built main (side_by_side/README.md section 3)")
     p.add_argument("--cpp-models", help="the folder with glm6b-random-28l-<type>.bin")
     p.add_argument("--fresh-kernel-timing", action="store_true",
@@ -287,13 +304,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     bw_start = bench.memory_bandwidth()
-    bench.build_checkpoint(args.workdir, args.layers)  # built once, outside any timed process
     precisions = [x for x in args.precisions.split(",") if x]
+    for layers in sorted({layers_for(args, p) for p in precisions}):
+        bench.build_checkpoint(args.workdir, layers)  # built once, outside any timed process
     results = []
     # chatglm.cpp runs right after each of our widths, so that a slow spell of a shared machine (seen to last many
     # minutes) lands on both sides of a ratio rather than on one (one run measured our bf16 at 508 ms, its f16,
     # measured 15 minutes later, at 444; the run before, 395 against 499)
     cpp = {32: {}, 512: {}} if args.cpp_main and args.cpp_models else None
+    original = {} if args.original_python and args.original_workdir else None
     for prec in precisions:
         results.append(run_precision(args, prec))
         print(f"# {prec}: {'error: ' + results[-1]['error'] if 'error' in results[-1] else 'done'}", file=sys.stderr,
@@ -303,13 +322,16 @@ def main(argv=None):
             for n in (32, 512):
                 cpp[n].update(run_cpp(args, n, [prec]))
             print(f"# chatglm.cpp {kind}: done", file=sys.stderr, flush=True)
-    original = run_original(args, precisions) if args.original_python and args.original_workdir else None
+        if original is not None and prec in args.original_precisions.split(","):
+            original.update(run_original(args, [prec]))
+            print(f"# original {prec}: done", file=sys.stderr, flush=True)
     bw_end = bench.memory_bandwidth()
     report = [header(args, bw_start, bw_end, (load_start, os.getloadavg()[0])), "",
               ours_table(results, args, max(bw_start[1], bw_end[1]))]
     if original is not None or cpp is not None:
         report += ["", "Side by side, same run, 28 layers (ours extrapolated unless --full-28-layers), 32-token "
-                   "prompt:", "", side_by_side_table(results, original or {}, cpp or {})]
+                   "prompt:", "", side_by_side_table(results, original or {}, cpp or {},
+                                                                    max(bw_start[1], bw_end[1]))]
     else:
         report += ["", "The original and chatglm.cpp were not run (pass --original-python/--original-workdir and "
                    "--cpp-main/--cpp-models; see benchmarks/side_by_side/README.md)."]

@@ -59,6 +59,17 @@ def test_perf_report_modes():
     assert full.layers == 28 and not full.extrapolate  # nothing to extrapolate at full depth
 
 
+def test_perf_report_builds_fp32_shallower_and_extrapolates_only_that_row():
+    """28 fp32 blocks need ~27 GB: --fp32-layers builds fewer for fp32 alone, and its row says it is extrapolated."""
+    args = perf_report.parse_args(["--full-28-layers", "--fp32-layers", "8"])
+    assert [perf_report.layers_for(args, p) for p in ("fp32", "bf16", "int4")] == [8, 28, 28]
+    rows = perf_report.ours_table([fake_result("fp32", layers=8), fake_result("bf16", layers=28)], args,
+                                  20.0).splitlines()[2:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| fp32", "8"], ["| fp32", "28 (extrapolated from 8)"],
+                                                  ["| bf16", "28"]]
+    assert "fp32: 8 layers built, its 28-layer row extrapolated" in perf_report.header(args, (1, 2), (3, 4), (0, 0))
+
+
 def fake_result(precision, layers=2):
     """A worker result: 100 ms steps of which 40 ms per block; prefill 1 s with 0.4 s per block."""
     step, prefill = [0.1, 0.08 * layers / 2], [1.0, 0.8 * layers / 2]
@@ -80,10 +91,11 @@ def test_perf_report_labels_extrapolated_rows_and_quotes_ratios_from_the_same_ru
     assert rows[1].startswith("| int8 | 28 (extrapolated from 2) |") and "| 1140 |" in rows[1]
     assert "int8: int8pack fused<=111 (cached)" in rows[0] and "error: boom" in rows[2]
     side = perf_report.side_by_side_table([fake_result("int4")], {"int4": 2280.0},
-                                          {32: {"q4_0": (4.0, 570.0)}, 512: {"q4_0": (60.0, 600.0)}})
-    assert "| int4 | 1140 | 2280 (2.00x ours) | 570 (0.50x ours) |" in side
+                                          {32: {"q4_0": (4.0, 570.0)}, 512: {"q4_0": (60.0, 600.0)}}, 20.0)
+    # read floor: (2 GB + 26 x 0.4 GB per block) / 20 GB/s
+    assert "| int4 | 1140 | 2280 (2.00x ours) | 570 (0.50x ours) | 620 |" in side
     # with the embedding quantized too, a width is set beside chatglm.cpp's file of the same width (whose embedding
     # is quantized as well)
     side = perf_report.side_by_side_table([fake_result("int4-qe")], {}, {32: {"q4_0": (4.0, 570.0)},
-                                                                         512: {"q4_0": (60.0, 600.0)}})
+                                                                         512: {"q4_0": (60.0, 600.0)}}, 20.0)
     assert "| int4-qe | 1140 | - | 570 (0.50x ours) |" in side
