@@ -80,6 +80,8 @@ def worker(args):
     dtype, bits = bench.PRECISIONS[base_width(args.precision)]
     folder = bench.build_checkpoint(args.workdir, args.layers)
     cfg = ChatGLMConfig.from_pretrained(folder)
+    # this width's own read bandwidth, before and after its timings: a shared VM's changes by 30% within one run
+    read_before = bench.memory_bandwidth(repeats=5)[1]
     t = time.perf_counter()
     kernel_choice.choose(dtype or torch.bfloat16, bits, cfg.hidden_size, cfg.inner_hidden_size)  # timed or cached
     choice_s = time.perf_counter() - t
@@ -104,6 +106,7 @@ def worker(args):
         out[key] = {"prefill": [list(x) for x in prefill], "steps": [list(x) for x in steps]}
     clock.close()
     out["peak_rss_bytes"], out["resident_bytes"] = status_bytes("VmHWM"), status_bytes("VmRSS")
+    out["read_gbs"] = [read_before, bench.memory_bandwidth(repeats=5)[1]]  # after the memory figures: it allocates
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -186,8 +189,14 @@ def kernels_text(r):
     return "; ".join(parts) + (f"; timing took {r.get('kernel_choice_s', 0):.1f} s" if timed else "")
 
 
+def width_read_gbs(r, run_read_gbs):
+    """The best read bandwidth measured around this width's timings (the run's, for results without it)."""
+    return max(r.get("read_gbs") or [run_read_gbs])
+
+
 def row_cells(r, to_layers, read_gbs):
     L = r["layers"]
+    read_gbs = width_read_gbs(r, read_gbs)
     scale = lambda x: x + (to_layers - L) * r["layer_bytes"]  # noqa: E731
     gb = scale(r["weight_bytes"]) / 1e9
     d32 = median_s(r["ctx32"]["steps"], L, to_layers)
@@ -198,7 +207,7 @@ def row_cells(r, to_layers, read_gbs):
             f"{median_s(r['ctx32']['prefill'], L, to_layers):.2f}",
             f"{median_s(r['ctx512']['prefill'], L, to_layers):.2f}",
             f"{1e3 * d32:.0f}", f"{1e3 * median_s(r['ctx512']['steps'], L, to_layers):.0f}", f"{8 / b8:.2f}",
-            f"{gb:.2f}", f"{100 * gb / read_gbs / d32:.0f}%", kernels_text(r)]
+            f"{gb:.2f}", f"{read_gbs:.1f}", f"{100 * gb / read_gbs / d32:.0f}%", kernels_text(r)]
 
 
 def markdown(head, rows):
@@ -209,11 +218,11 @@ def markdown(head, rows):
 def ours_table(results, args, read_gbs):
     head = ["width", "layers", "load s", "peak GB", "resident GB", "prefill 32 tok s", "prefill 512 tok s",
             "decode ms/tok @32", "decode ms/tok @512", f"batch {args.batch} tok/s", "weights GB/tok",
-            "% of read floor @32", "kernels chosen"]
+            "read GB/s (this width)", "% of read floor @32", "kernels chosen"]
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["precision"], "", "error: " + r["error"][:120]] + [""] * 10)
+            rows.append([r["precision"], "", "error: " + r["error"][:120]] + [""] * 11)
             continue
         rows.append(row_cells(r, r["layers"], read_gbs))
         if (args.extrapolate or r["layers"] != args.layers) and r["layers"] < bench.FULL_LAYERS:
@@ -235,7 +244,8 @@ def side_by_side_table(results, original, cpp, read_gbs):
         orig = original.get(p) if isinstance(original, dict) else None
         c32, c512 = (cpp.get(32, {}).get(CPP_TYPES.get(base_width(p))),
                     cpp.get(512, {}).get(CPP_TYPES.get(base_width(p))))
-        floor = 1e3 * (r["weight_bytes"] + (bench.FULL_LAYERS - L) * r["layer_bytes"]) / 1e9 / read_gbs
+        full_bytes = r["weight_bytes"] + (bench.FULL_LAYERS - L) * r["layer_bytes"]
+        floor = 1e3 * full_bytes / 1e9 / width_read_gbs(r, read_gbs)
         rows.append([p, f"{ours:.0f}", f"{orig:.0f} ({orig / ours:.2f}x ours)" if orig else "-",
                      f"{c32[1]:.0f} ({c32[1] / ours:.2f}x ours)" if c32 else "-", f"{floor:.0f}",
                      " / ".join(f"{median_s(r[k]['prefill'], L, bench.FULL_LAYERS):.2f}" for k in ("ctx32", "ctx512")),
@@ -258,7 +268,7 @@ def header(args, bw_start, bw_end, load_avg):
         f"{load_avg[1]:.1f} (other processes share the cores when it is above 0).",
         f"{mode}. Random weights with the real ChatGLM-6B geometry; each width in its own process; greedy decoding "
         f"through the decode engine (chatglm/engine.py), {args.new_tokens} steps x {args.repeats} repeats, medians. Read floor = weight "
-        f"bytes per token / best read bandwidth."])
+        f"bytes per token / the best read bandwidth measured right before and after that width's timings."])
 
 
 def parse_args(argv=None):

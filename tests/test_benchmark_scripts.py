@@ -94,6 +94,10 @@ def test_perf_report_labels_extrapolated_rows_and_quotes_ratios_from_the_same_ru
                                           {32: {"q4_0": (4.0, 570.0)}, 512: {"q4_0": (60.0, 600.0)}}, 20.0)
     # read floor: (2 GB + 26 x 0.4 GB per block) / 20 GB/s
     assert "| int4 | 1140 | 2280 (2.00x ours) | 570 (0.50x ours) | 620 |" in side
+    # a width that measured its own bandwidth (a shared VM's moves within one run) is held to that one
+    own = dict(fake_result("int4"), read_gbs=[10.0, 12.4])
+    assert "| int4 | 1140 | - | - | 1000 |" in perf_report.side_by_side_table([own], {}, {}, 20.0)
+    assert "| 12.4 | 88% |" in perf_report.ours_table([own], perf_report.parse_args(["--extrapolate"]), 20.0)
     # with the embedding quantized too, a width is set beside chatglm.cpp's file of the same width (whose embedding
     # is quantized as well)
     side = perf_report.side_by_side_table([fake_result("int4-qe")], {}, {32: {"q4_0": (4.0, 570.0)},
