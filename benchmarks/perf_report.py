@@ -64,6 +64,16 @@ def status_bytes(field):
     return 0
 
 
+def reset_peak_rss():
+    """Restart VmHWM from the current resident size (Linux: clear_refs 5), so that a bandwidth test's buffers,
+    freed before the model loads, do not count as the model's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 # ---- one precision, in its own process -----------------------------------------------------------------------------
 
 def decode_samples(model, clock, batch, context, new_tokens, seed):
@@ -82,6 +92,7 @@ def worker(args):
     cfg = ChatGLMConfig.from_pretrained(folder)
     # this width's own read bandwidth, before and after its timings: a shared VM's changes by 30% within one run
     read_before = bench.memory_bandwidth(repeats=5)[1]
+    reset_peak_rss()
     t = time.perf_counter()
     kernel_choice.choose(dtype or torch.bfloat16, bits, cfg.hidden_size, cfg.inner_hidden_size)  # timed or cached
     choice_s = time.perf_counter() - t

@@ -2,6 +2,7 @@
 argument checks, its parts on the CPU with --dry-run), benchmarks/perf_report.py (its modes and its report) and
 bench_serving.py's argument checks."""
 import json
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,15 @@ def test_perf_report_builds_fp32_shallower_and_extrapolates_only_that_row():
     assert [r.split(" | ")[:2] for r in rows] == [["| fp32", "8"], ["| fp32", "28 (extrapolated from 8)"],
                                                   ["| bf16", "28"]]
     assert "fp32: 8 layers built, its 28-layer row extrapolated" in perf_report.header(args, (1, 2), (3, 4), (0, 0))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_perf_report_peak_memory_leaves_out_the_bandwidth_buffers_freed_before_loading():
+    buffer = torch.ones(1 << 27)  # 512 MB, as memory_bandwidth's arrays, touched and freed
+    del buffer
+    before = perf_report.status_bytes("VmHWM")
+    perf_report.reset_peak_rss()
+    assert perf_report.status_bytes("VmHWM") < before - 400e6
 
 
 def fake_result(precision, layers=2):
