@@ -205,11 +205,16 @@ def width_read_gbs(r, run_read_gbs):
     return max(r.get("read_gbs") or [run_read_gbs])
 
 
+def weight_gb(r, to_layers):
+    """Weight GB read per token at `to_layers` blocks (r measured r["layers"])."""
+    return (r["weight_bytes"] + (to_layers - r["layers"]) * r["layer_bytes"]) / 1e9
+
+
 def row_cells(r, to_layers, read_gbs):
     L = r["layers"]
     read_gbs = width_read_gbs(r, read_gbs)
     scale = lambda x: x + (to_layers - L) * r["layer_bytes"]  # noqa: E731
-    gb = scale(r["weight_bytes"]) / 1e9
+    gb = weight_gb(r, to_layers)
     d32 = median_s(r["ctx32"]["steps"], L, to_layers)
     b8 = median_s(r["batch8"]["steps"], L, to_layers)
     label = str(L) if to_layers == L else f"{to_layers} (extrapolated from {L})"
@@ -252,11 +257,10 @@ def side_by_side_table(results, original, cpp, read_gbs):
             continue
         L, p = r["layers"], r["precision"]
         ours = 1e3 * median_s(r["ctx32"]["steps"], L, bench.FULL_LAYERS)
-        orig = original.get(p) if isinstance(original, dict) else None
+        orig = original.get(p)
         c32, c512 = (cpp.get(32, {}).get(CPP_TYPES.get(base_width(p))),
                     cpp.get(512, {}).get(CPP_TYPES.get(base_width(p))))
-        full_bytes = r["weight_bytes"] + (bench.FULL_LAYERS - L) * r["layer_bytes"]
-        floor = 1e3 * full_bytes / 1e9 / width_read_gbs(r, read_gbs)
+        floor = 1e3 * weight_gb(r, bench.FULL_LAYERS) / width_read_gbs(r, read_gbs)
         rows.append([p, f"{ours:.0f}", f"{orig:.0f} ({orig / ours:.2f}x ours)" if orig else "-",
                      f"{c32[1]:.0f} ({c32[1] / ours:.2f}x ours)" if c32 else "-", f"{floor:.0f}",
                      " / ".join(f"{median_s(r[k]['prefill'], L, bench.FULL_LAYERS):.2f}" for k in ("ctx32", "ctx512")),
@@ -282,10 +286,17 @@ def header(args, bw_start, bw_end, load_avg):
         f"bytes per token / the best read bandwidth measured right before and after that width's timings."])
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precisions", default="fp32,bf16,int8,int4", help="of fp32, bf16, int8, int4, int8-qe, int4-qe")
-    p.add_argument("--layers", type=int, default=2, help="GLM blocks to build (default 2)")
+    p.add_argument("--layers", type=positive_int, default=2, help="GLM blocks to build (default 2)")
     p.add_argument("--full-28-layers", action="store_true", help="build all 28 layers: nothing extrapolated")
     p.add_argument("--extrapolate", action="store_true", help="add 28-layer rows estimated from the block times")
     p.add_argument("--quick", action="store_true", help="~2 minutes: 1 layer, 1 repeat, 4 decode steps")
@@ -296,10 +307,10 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "chatglm", "bench"))
     p.add_argument("--original-python", help="the original's venv python (side_by_side/README.md section 2)")
     p.add_argument("--original-workdir", help="the folder original_setup.py filled")
-    p.add_argument("--original-layers", type=int, default=2)
+    p.add_argument("--original-layers", type=positive_int, default=2)
     p.add_argument("--original-precisions", default="fp32,bf16,int8,int4",
                    help="the widths to time the original at (int8/int4 need chatglm-6b-int4's quantization.py and gcc)")
-    p.add_argument("--fp32-layers", type=int,
+    p.add_argument("--fp32-layers", type=positive_int,
                    help="build fp32 with this many layers and extrapolate it to 28 (28 fp32 layers need ~27 GB)")
     p.add_argument("--cpp-main", help="chatglm.cpp's built main (side_by_side/README.md section 3)")
     p.add_argument("--cpp-models", help="the folder with glm6b-random-28l-<type>.bin")
@@ -347,12 +358,12 @@ def main(argv=None):
             original.update(run_original(args, [prec]))
             print(f"# original {prec}: done", file=sys.stderr, flush=True)
     bw_end = bench.memory_bandwidth()
+    read_gbs = max(bw_start[1], bw_end[1])  # for results that did not measure their own
     report = [header(args, bw_start, bw_end, (load_start, os.getloadavg()[0])), "",
-              ours_table(results, args, max(bw_start[1], bw_end[1]))]
+              ours_table(results, args, read_gbs)]
     if original is not None or cpp is not None:
         report += ["", "Side by side, same run, 28 layers (ours extrapolated unless --full-28-layers), 32-token "
-                   "prompt:", "", side_by_side_table(results, original or {}, cpp or {},
-                                                                    max(bw_start[1], bw_end[1]))]
+                   "prompt:", "", side_by_side_table(results, original or {}, cpp or {}, read_gbs)]
     else:
         report += ["", "The original and chatglm.cpp were not run (pass --original-python/--original-workdir and "
                    "--cpp-main/--cpp-models; see benchmarks/side_by_side/README.md)."]

@@ -71,6 +71,14 @@ def test_perf_report_builds_fp32_shallower_and_extrapolates_only_that_row():
     assert "fp32: 8 layers built, its 28-layer row extrapolated" in perf_report.header(args, (1, 2), (3, 4), (0, 0))
 
 
+@pytest.mark.parametrize("flag", ["--fp32-layers", "--layers", "--original-layers"])
+def test_perf_report_refuses_a_layer_count_below_one_in_one_line(flag):
+    out = subprocess.run([sys.executable, "benchmarks/perf_report.py", flag, "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"argument {flag}: expected a positive integer, got 0" in out.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
 def test_perf_report_peak_memory_leaves_out_the_bandwidth_buffers_freed_before_loading():
     buffer = torch.ones(1 << 27)  # 512 MB, as memory_bandwidth's arrays, touched and freed
